@@ -1,0 +1,187 @@
+"""`gtc-ray`: one verb per stage.
+
+    gtc-ray data synth OUT --preset tiny|small|baby|sports|clothing|1m
+    gtc-ray data import-mmrec SRC OUT
+    gtc-ray data import INTERACTIONS OUT --features image=img.parquet ...
+    gtc-ray data describe DIR [--json]
+    gtc-ray prepare DIR [--config FILE] [--set graph.knn_k=10]
+    gtc-ray train DATA_DIR [--config FILE] [--set k=v ...] [--workers N] [--gpu] [--resume] [--metrics-out F]
+    gtc-ray evaluate CHECKPOINT [--data DIR]
+
+User errors (bad input, config, paths) print one paragraph and exit with status 2; `--debug`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from gtc_ray.errors import GtcInputError
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file (sections: graph, model, compat, train, eval, ray)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set graph.knn_k=10 (repeatable; value parsed as YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gtc-ray", description="Train the GTC multi-modal recommender on Ray.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    d = sub.add_parser("data", help="create, import and inspect datasets")
+    dsub = d.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="generate a synthetic dataset with planted cluster structure")
+    s.add_argument("out", help="output dataset directory (must not exist unless --overwrite)")
+    s.add_argument("--preset", default="tiny", help="size: tiny, small, baby, sports, clothing or 1m (default tiny)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--users", type=int, help="override the preset's number of users")
+    s.add_argument("--items", type=int, help="override the preset's number of items")
+    s.add_argument("--interactions", type=int, help="override the preset's number of interactions")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    m = dsub.add_parser("import-mmrec", help="import an MMRec folder (<name>.inter + <modality>_feat.npy)")
+    m.add_argument("src", help="MMRec dataset folder")
+    m.add_argument("out", help="output dataset directory")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    g = dsub.add_parser("import", help="import raw interaction and feature tables (Parquet, CSV or TSV)")
+    g.add_argument("interactions", help="interaction table with raw user and item ids")
+    g.add_argument("out", help="output dataset directory")
+    g.add_argument("--features", action="append", default=[], metavar="MODALITY=PATH",
+                   help="feature table of one modality keyed by raw item id (repeatable)")
+    g.add_argument("--user-column", default="user_id", help="raw user id column (default user_id)")
+    g.add_argument("--item-column", default="item_id", help="raw item id column (default item_id)")
+    g.add_argument("--time-column", default="timestamp", help="timestamp column, optional (default timestamp)")
+    g.add_argument("--rating-column", default="rating", help="rating column, optional (default rating)")
+    g.add_argument("--feature-id-column", default="item_id", help="item id column of the feature tables")
+    g.add_argument("--kcore", type=int, default=5, help="iterative k-core filter (default 5; 1 disables)")
+    g.add_argument("--split", default="random", choices=["random", "chrono"],
+                   help="random: MMRec per-user 80/10/10 rule with --seed; chrono: latest rows per user held out")
+    g.add_argument("--seed", type=int, default=2026, help="split seed (default 2026)")
+    g.add_argument("--dedup", action="store_true", help="keep the earliest row of duplicate (user, item) pairs")
+    g.add_argument("--fill-missing", choices=["mean"], help="give items without a feature row the mean vector")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    ds = dsub.add_parser("describe", help="summarise a dataset directory")
+    ds.add_argument("dir", help="dataset directory")
+    ds.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    pr = sub.add_parser("prepare", help="build and cache the item-item and user-user graphs")
+    pr.add_argument("dir", help="dataset directory")
+    _add_config_args(pr)
+
+    tr = sub.add_parser("train", help="train GTC with Ray Train (local Ray unless an address is given)")
+    tr.add_argument("data_dir", help="dataset directory")
+    _add_config_args(tr)
+    tr.add_argument("--workers", type=int, help="number of DDP workers (ray.workers, default 2; 0 = in-process local mode)")
+    tr.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    tr.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    tr.add_argument("--compat", action="store_true", help="reproduce the original code's behaviour (spec §10 B1/B5/B6)")
+    tr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    tr.add_argument("--storage", help="directory for checkpoints and run state (ray.storage_path)")
+    tr.add_argument("--name", help="run name (default gtc-<dataset>-<time>)")
+    tr.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
+    tr.add_argument("--metrics-out", metavar="FILE", help="write final valid/test metrics and checkpoint as JSON")
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the validation and test splits")
+    ev.add_argument("checkpoint", help="checkpoint directory (holds model.pt and meta.json)")
+    ev.add_argument("--data", help="dataset directory (default: the one recorded in the checkpoint)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _print_describe(info: dict) -> None:
+    _log(f"dataset      {info['name']}  ({info['path']})")
+    _log(f"users        {info['num_users']:,}")
+    _log(f"items        {info['num_items']:,}")
+    _log(f"interactions {info['num_interactions']:,}  (density {info['density']:.4%})")
+    sp = info["splits"]
+    _log(f"splits       train {sp['train']:,} / valid {sp['valid']:,} / test {sp['test']:,}  [{info['split_scheme']}]")
+    mods = ", ".join(f"{k} ({v:,})" for k, v in info["modalities"].items()) or "none (ID only)"
+    _log(f"modalities   {mods}")
+    t = info["train_per_user"]
+    _log(f"train/user   min {t['min']}, median {t['median']:g}, max {t['max']}")
+    _log(f"content hash {info['content_hash']}")
+
+
+def _cmd_data(a) -> int:
+    from gtc_ray.data import dataset, importers, synth
+    t0 = time.perf_counter()
+    if a.data_verb == "synth":
+        _log(f"generating synthetic dataset (preset {a.preset}, seed {a.seed}) -> {a.out}")
+        man = synth.synth(a.out, a.preset, a.seed, overwrite=a.overwrite, users=a.users, items=a.items,
+                          interactions=a.interactions)
+    elif a.data_verb == "import-mmrec":
+        man = importers.import_mmrec(a.src, a.out, overwrite=a.overwrite, log=_log)
+    elif a.data_verb == "import":
+        feats = {}
+        for f in a.features:
+            name, sep, path = f.partition("=")
+            if not sep or not name or not path:
+                raise GtcInputError(f"--features {f!r}", "must look like MODALITY=PATH", "e.g. --features image=img.parquet")
+            feats[name] = path
+        man = importers.import_tables(a.interactions, a.out, features=feats, user_col=a.user_column,
+                                      item_col=a.item_column, time_col=a.time_column, rating_col=a.rating_column,
+                                      feature_id_col=a.feature_id_column, kcore_k=a.kcore, split=a.split,
+                                      seed=a.seed, dedup=a.dedup, fill_missing=a.fill_missing,
+                                      overwrite=a.overwrite, log=_log)
+    else:
+        info = dataset.describe(a.dir)
+        if a.json:
+            print(json.dumps(info, indent=2))
+        else:
+            _print_describe(info)
+        return 0
+    _log(f"wrote {a.out}: {man['num_users']:,} users, {man['num_items']:,} items, "
+         f"{man['num_interactions']:,} interactions in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _cmd_prepare(a) -> int:
+    from gtc_ray.config import load_config
+    from gtc_ray.data.dataset import load_dataset
+    from gtc_ray.data.prepare import prepare
+    cfg = load_config(a.config, a.overrides)
+    ds = load_dataset(a.dir)
+    t0 = time.perf_counter()
+    g = prepare(ds, cfg.graph, log=_log)
+    _log(f"graphs ready at {g.path} ({time.perf_counter() - t0:.1f}s): item-item {g.item_item.nnz:,} edges, "
+         f"user-user {g.user_user.nnz:,} edges")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        if a.verb == "data":
+            return _cmd_data(a)
+        if a.verb == "prepare":
+            return _cmd_prepare(a)
+        if a.verb == "train":
+            from gtc_ray.train.run import cli_train
+            return cli_train(a, log=_log)
+        if a.verb == "evaluate":
+            from gtc_ray.train.run import cli_evaluate
+            return cli_evaluate(a, log=_log)
+    except GtcInputError as e:
+        if a.debug:
+            raise
+        print(f"gtc-ray: error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown verb {a.verb}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
