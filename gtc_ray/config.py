@@ -82,6 +82,7 @@ class EvalConfig:
     topk: list = field(default_factory=lambda: [5, 10, 20, 50])
     valid_metric: str = "recall@20"
     user_chunk: int = 1024  # users scored per block: memory ~ user_chunk x items
+    mask_valid_in_test: bool = True  # testing masks training AND validation items
 
 
 @dataclass

@@ -1,0 +1,260 @@
+"""The per-worker training loop, shared by Ray Train workers and the in-process runner.
+
+Walk-through (one call per worker):
+ 1. setup: threads, dataset (already validated by the driver), prepared graphs, model, optimizer
+ 2. restore from the latest reported checkpoint (worker restart or `--resume`)
+ 3. read this worker's shard of the training interactions (Ray Data: `get_dataset_shard`)
+ 4. per epoch: resample the user-user graph (seed, epoch: same on every rank); shuffle the shard and
+    draw negatives vectorised (seed, epoch, rank: differ per rank); every rank runs the same number
+    of steps (DDP needs it); per step the model's noise/permutations are seeded (seed, epoch, step, rank)
+ 5. evaluate validation, sharded by users; sums all-reduced
+ 6. early stopping on the validation metric (strict improvement, patience as the spec)
+ 7. every rank reports; rank 0 alone writes the checkpoint
+ 8. at the end: the best-validation weights are evaluated once on the test split
+
+DDP choices (spec §11): the global batch is `train.batch_size`; with `batch_scaling="split"` each of
+W workers takes B/W rows, so optimizer steps per epoch (and the effective weight of the full-item
+L_gen and L_TC, O4) equal single-process training; each rank draws its own diffusion noise and TC
+permutations, so the averaged gradient of L_gen and L_TC has lower variance than single-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from gtc_ray.config import Config, config_from_dict
+from gtc_ray.data.dataset import load_dataset
+from gtc_ray.data.prepare import prepare, train_matrix
+from gtc_ray.model.gtc import GTC
+from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
+from gtc_ray.train.checkpoint import load_file, read_meta
+from gtc_ray.train.metrics import evaluate_sums, sums_to_metrics
+
+LOSS_KEYS = ("loss", "bpr", "reg", "tc", "gen")
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts; stable across processes (unlike hash())."""
+    h = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_negatives(users: np.ndarray, seen: sp.csr_matrix, candidates: np.ndarray,
+                     rng: np.random.Generator, max_rounds: int = 100) -> np.ndarray:
+    """One negative per row, uniform over `candidates`, rejecting the user's training items.
+    Vectorised rejection: only the rows that hit a seen item are redrawn (fixes P5)."""
+    neg = candidates[rng.integers(0, len(candidates), len(users))]
+    todo = np.arange(len(users))
+    for _ in range(max_rounds):
+        u, n = users[todo], neg[todo]
+        starts, ends = seen.indptr[u], seen.indptr[u + 1]
+        # seen.indices are sorted per row: binary-search each (u, n) inside its row
+        pos = np.array([np.searchsorted(seen.indices[s:e], x) for s, e, x in zip(starts, ends, n)], np.int64) \
+            if len(todo) < 64 else _row_searchsorted(seen, u, n)
+        hit = (pos < ends - starts) & (seen.indices[np.minimum(starts + pos, len(seen.indices) - 1)] == n)
+        todo = todo[hit]
+        if len(todo) == 0:
+            return neg
+        neg[todo] = candidates[rng.integers(0, len(candidates), len(todo))]
+    raise RuntimeError("negative sampling did not converge: some user has interacted with almost every item")
+
+
+def _row_searchsorted(seen: sp.csr_matrix, u: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """searchsorted of n within each user's sorted index row, vectorised via a global key."""
+    I = seen.shape[1]
+    row_of = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
+    keys = row_of.astype(np.int64) * I + seen.indices
+    q = u.astype(np.int64) * I + n
+    return np.searchsorted(keys, q) - seen.indptr[u]
+
+
+class Runtime:
+    """What the loop needs from its environment (Ray Train or in-process)."""
+
+    rank = 0
+    world_size = 1
+    device = torch.device("cpu")
+
+    def shard(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return t
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def latest_checkpoint(self) -> Path | None:
+        return None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        raise NotImplementedError
+
+
+def _evaluate(model: GTC, rt: Runtime, users: np.ndarray, truth: sp.csr_matrix, mask: sp.csr_matrix,
+              cfg: Config, seed: int) -> dict:
+    zu, yi = model.eval_embeddings(seed)
+    mine = users[rt.rank::rt.world_size]  # users sharded across workers
+    sums, n = evaluate_sums(zu, yi, mine, truth, mask, cfg.eval.topk, cfg.eval.user_chunk)
+    packed = rt.all_reduce(torch.cat([sums.double(), torch.tensor([float(n)], dtype=torch.float64, device=sums.device)]))
+    return sums_to_metrics(packed[:-1], int(packed[-1].item()), cfg.eval.topk)
+
+
+def _split_csr(ds, name: str) -> sp.csr_matrix:
+    u, i = ds.split_pairs(name)
+    return train_matrix(u, i, ds.num_users, ds.num_items)
+
+
+def train_loop(config: dict, rt: Runtime) -> None:
+    cfg: Config = config_from_dict(config["cfg"])
+    torch.set_num_threads(cfg.train.num_threads)
+    seed = cfg.train.seed
+    torch.manual_seed(derive_seed(seed, "init"))  # identical initial weights on every rank
+    log = print if rt.rank == 0 else (lambda *a, **k: None)
+
+    # 1. setup
+    ds = load_dataset(config["data_dir"], verify=False)
+    graphs = prepare(ds, cfg.graph, log=lambda m: None)
+    tr_u, tr_i = ds.split_pairs("train")
+    seen = _split_csr(ds, "train")
+    valid, test = _split_csr(ds, "valid"), _split_csr(ds, "test")
+    valid_users = np.unique(ds.split_pairs("valid")[0])
+    test_users = np.unique(ds.split_pairs("test")[0])
+    test_mask = (seen + valid).tocsr() if cfg.eval.mask_valid_in_test else seen
+    model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
+    model.to(rt.device)
+    model.attach(ds.features, bipartite_adjacency(tr_u, tr_i, ds.num_users, ds.num_items), graphs.item_item,
+                 None, rt.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    # 2. restore
+    start_epoch, best, best_epoch, bad, history, best_state = 0, -math.inf, -1, 0, [], None
+    ck = rt.latest_checkpoint()
+    if ck is not None:
+        meta = read_meta(ck)
+        if meta.get("dataset") != ds.content_hash:
+            raise ValueError(f"checkpoint {ck} was trained on dataset {meta.get('dataset')}, not {ds.content_hash}")
+        model.load_state_dict(load_file(ck, "model.pt", meta, rt.device))
+        if meta.get("final"):
+            start_epoch = cfg.train.epochs  # finished run: only the final test evaluation remains
+        else:
+            opt.load_state_dict(load_file(ck, "optim.pt", meta, rt.device))
+            start_epoch = meta["epoch"] + 1
+        best, best_epoch, bad, history = meta["best"], meta["best_epoch"], meta["bad"], meta["history"]
+        best_state = load_file(ck, "best_model.pt", meta, rt.device) if "best_model.pt" in meta["hashes"] else None
+        log(f"resumed from {ck} at epoch {start_epoch}")
+    ddp = rt.wrap(model)
+
+    # 3. this worker's shard
+    sh_u, sh_i = rt.shard()
+    sh_u, sh_i = sh_u.astype(np.int64), sh_i.astype(np.int64)
+    n_global = int(rt.all_reduce(torch.tensor([len(sh_u)], dtype=torch.float64, device=rt.device)).item())
+    n_max = int(rt.all_reduce(torch.tensor([len(sh_u)], dtype=torch.float64, device=rt.device), "max").item())
+    b_local = cfg.train.batch_size // rt.world_size if cfg.train.batch_scaling == "split" else cfg.train.batch_size
+    b_local = max(1, b_local)
+    steps = max(1, math.ceil(n_max / b_local))
+    candidates = np.unique(tr_i).astype(np.int64)  # negatives come from items seen in training (spec §4)
+    log(f"training on {n_global:,} interactions, {rt.world_size} worker(s), {b_local} rows/worker/step, "
+        f"{steps} steps/epoch")
+
+    metric = cfg.eval.valid_metric
+    epochs_run = 0
+    stop = start_epoch >= cfg.train.epochs
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.perf_counter()
+        ddp.train()
+        # 4. per-epoch randomness
+        ug = sample_user_graph(graphs.user_user, cfg.model.user_graph_k, np.random.default_rng(derive_seed(seed, epoch, "ug")))
+        model.set_user_graph(ug, rt.device)
+        rng = np.random.default_rng(derive_seed(seed, epoch, rt.rank, "data"))
+        order = rng.permutation(len(sh_u))
+        neg_all = sample_negatives(sh_u[order], seen, candidates, rng)
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        for s in range(steps):
+            sl = slice(s * b_local, (s + 1) * b_local)  # the last batch may be partial (spec §4)
+            if sl.start >= len(order):
+                sl = slice(0, b_local)  # a shorter shard wraps around so every rank takes the same steps
+            idx = order[sl]
+            u = torch.from_numpy(sh_u[idx]).to(rt.device)
+            p = torch.from_numpy(sh_i[idx]).to(rt.device)
+            n = torch.from_numpy(neg_all[sl]).to(rt.device)
+            out = ddp(u, p, n, seed=derive_seed(seed, epoch, s, rt.rank, "step"))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            sums += torch.stack([out[k].detach().double().cpu() for k in LOSS_KEYS])
+        losses = (rt.all_reduce(sums.to(rt.device)) / (steps * rt.world_size)).cpu()
+        if not torch.isfinite(losses).all():
+            raise FloatingPointError(f"loss became {losses.tolist()} at epoch {epoch}; lower train.lr")
+        train_s = time.perf_counter() - t0
+        # 5. validation
+        t1 = time.perf_counter()
+        ddp.eval()
+        rec = {"epoch": epoch, **{f"train_{k}": float(v) for k, v in zip(LOSS_KEYS, losses)}}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            vm = _evaluate(model, rt, valid_users, valid, seen, cfg, derive_seed(seed, "eval"))
+            rec.update({f"valid_{k}": v for k, v in vm.items()})
+            # 6. early stopping: strict improvement resets the counter
+            if vm[metric] > best:
+                best, best_epoch, bad = vm[metric], epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+            stop = bad > cfg.train.patience
+        rec.update({"train_seconds": train_s, "eval_seconds": time.perf_counter() - t1,
+                    "best_valid": best, "best_epoch": best_epoch})
+        history.append(rec)
+        epochs_run += 1
+        log(_progress_line(rec, metric))
+        # 7. report (every rank) + checkpoint (rank 0)
+        meta = {"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
+                "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": False}
+        rt.report(rec, _write_ckpt(rt, model.state_dict(), opt.state_dict(), best_state, meta)
+                  if epoch % cfg.train.checkpoint_every == 0 or stop else None)
+        if stop:
+            break
+
+    # 8. test once, on the best-validation weights
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        # the user graph sampled for the best epoch, so that the final valid metrics equal the best ones
+        model.set_user_graph(sample_user_graph(graphs.user_user, cfg.model.user_graph_k,
+                                               np.random.default_rng(derive_seed(seed, best_epoch, "ug"))), rt.device)
+    t2 = time.perf_counter()
+    model.eval()
+    vfinal = _evaluate(model, rt, valid_users, valid, seen, cfg, derive_seed(seed, "eval"))
+    tm = _evaluate(model, rt, test_users, test, test_mask, cfg, derive_seed(seed, "eval"))
+    rec = {"epoch": history[-1]["epoch"] if history else -1, "final": True,
+           **{f"valid_{k}": v for k, v in vfinal.items()}, **{f"test_{k}": v for k, v in tm.items()},
+           "best_valid": best, "best_epoch": best_epoch, "test_seconds": time.perf_counter() - t2}
+    log(f"test on best epoch {best_epoch}: " + ", ".join(f"{k}={tm[k]:.4f}" for k in ("recall@20", "ndcg@20")))
+    meta = {"epoch": rec["epoch"], "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
+            "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": True,
+            "valid": vfinal, "test": tm}
+    rt.report(rec, _write_ckpt(rt, model.state_dict(), None, None, meta))
+
+
+def _write_ckpt(rt: Runtime, model_state, optim_state, best_state, meta) -> Path | None:
+    if rt.rank != 0:
+        return None
+    from gtc_ray.train.checkpoint import save_checkpoint
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="gtc-ckpt-")) / "checkpoint"
+    extra = {"best_model.pt": best_state} if best_state is not None else None
+    return save_checkpoint(d, model_state, meta, optim_state, extra)
+
+
+def _progress_line(rec: dict, metric: str) -> str:
+    s = (f"epoch {rec['epoch']:4d}  loss {rec['train_loss']:.4f} (bpr {rec['train_bpr']:.4f} tc {rec['train_tc']:.4f} "
+         f"gen {rec['train_gen']:.4f} reg {rec['train_reg']:.5f})")
+    if f"valid_{metric}" in rec:
+        s += f"  valid {metric} {rec[f'valid_{metric}']:.4f} ndcg@20 {rec.get('valid_ndcg@20', float('nan')):.4f}"
+    return s + f"  [{rec['train_seconds']:.1f}s train, {rec['eval_seconds']:.1f}s eval]"

@@ -1,0 +1,284 @@
+"""Driver side of training: validate, prepare, start (or join) Ray, build the TorchTrainer, fit.
+
+    summary = run_training("data/ml100k", load_config(overrides=["train.epochs=5"]), workers=2)
+
+`runner="inprocess"` runs the very same loop in this process without Ray (for benchmarks and
+debugging); `workers=0` uses Ray Train's local mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gtc_ray.config import Config, load_config
+from gtc_ray.data.dataset import load_dataset
+from gtc_ray.data.prepare import prepare
+from gtc_ray.errors import GtcInputError
+from gtc_ray.train.checkpoint import read_meta
+from gtc_ray.train.loop import Runtime, train_loop
+
+
+# ------------------------------------------------------------------ runtimes
+
+class InProcessRuntime(Runtime):
+    """Single process, no Ray: checkpoints under `run_dir/checkpoint_NNNNNN`."""
+
+    def __init__(self, data_dir: str, run_dir: Path, device: str = "cpu"):
+        self.data_dir, self.run_dir, self.device = data_dir, run_dir, torch.device(device)
+        self.reports: list[dict] = []
+        self.checkpoints: list[Path] = []
+
+    def shard(self):
+        ds = load_dataset(self.data_dir, verify=False)
+        return ds.split_pairs("train")
+
+    def latest_checkpoint(self):
+        found = sorted(self.run_dir.glob("checkpoint_*")) if self.run_dir.exists() else []
+        return found[-1] if found else None
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            dest = self.run_dir / f"checkpoint_{len(list(self.run_dir.glob('checkpoint_*'))):06d}"
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(checkpoint_dir), dest)
+            shutil.rmtree(Path(checkpoint_dir).parent, ignore_errors=True)
+            self.checkpoints.append(dest)
+
+
+class RayTrainRuntime(Runtime):
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def shard(self):
+        import ray.train
+        it = ray.train.get_dataset_shard("train")
+        us, its = [], []
+        for b in it.iter_batches(batch_size=1 << 16, batch_format="numpy"):
+            us.append(b["user"]); its.append(b["item"])
+        return (np.concatenate(us) if us else np.zeros(0, np.int64)), (np.concatenate(its) if its else np.zeros(0, np.int64))
+
+    def all_reduce(self, t, op="sum"):
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            t = t.clone()
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX)
+        return t
+
+    def wrap(self, model):
+        import ray.train.torch
+        if self.world_size > 1:
+            return ray.train.torch.prepare_model(model, move_to_device=False)
+        return model
+
+    def latest_checkpoint(self):
+        import ray.train
+        ck = ray.train.get_checkpoint()
+        if ck is None:
+            return None
+        return Path(ck.to_directory(tempfile.mkdtemp(prefix="gtc-restore-")))
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+        ck = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=ck)
+        if checkpoint_dir is not None:
+            shutil.rmtree(Path(checkpoint_dir).parent, ignore_errors=True)
+
+
+def ray_worker_entry(config: dict) -> None:
+    """The function Ray Train runs on every worker."""
+    train_loop(config, RayTrainRuntime())
+
+
+# ------------------------------------------------------------------ Ray setup
+
+def ensure_ray(cfg: Config, log=print) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # end-of-run detection (RAY_NOTES §2)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    t0 = time.perf_counter()
+    if addr:
+        ray.init(address=addr)  # a cluster brings its own resources (RAY_NOTES §3)
+        log(f"connected to Ray at {addr} ({time.perf_counter() - t0:.1f}s)")
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+                 log_to_driver=True)
+        log(f"started a local Ray with {cfg.ray.num_cpus} CPUs ({time.perf_counter() - t0:.1f}s)")
+
+
+def _keep_train_rows(batch: dict) -> dict:
+    m = batch["split"] == 0
+    return {"user": batch["user"][m].astype(np.int64), "item": batch["item"][m].astype(np.int64)}
+
+
+def train_dataset(data_dir: Path):
+    """Ray Data: read the interactions table and keep the training rows (sharded to workers by Train)."""
+    import ray.data
+    return ray.data.read_parquet(str(data_dir / "interactions.parquet"), columns=["user", "item", "split"]) \
+        .map_batches(_keep_train_rows, batch_format="numpy")
+
+
+# ------------------------------------------------------------------ driver
+
+def check_against_dataset(cfg: Config, ds) -> None:
+    if cfg.graph.knn_k > ds.num_items:
+        raise GtcInputError("config key graph.knn_k", f"k={cfg.graph.knn_k} exceeds the {ds.num_items} items",
+                            f"set graph.knn_k <= {ds.num_items}")
+    if max(cfg.eval.topk) > ds.num_items:
+        raise GtcInputError("config key eval.topk", f"K={max(cfg.eval.topk)} exceeds the {ds.num_items} items",
+                            f"use K <= {ds.num_items}")
+    if cfg.model.gate == "as_written" and cfg.model.use_content and len(ds.features) not in (0, 2):
+        pass  # documented fallback: the gate as written needs exactly two modalities; per-modality is used
+
+
+def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = None, use_gpu: bool | None = None,
+                 name: str | None = None, storage: str | None = None, resume: bool = False,
+                 runner: str = "ray", log=print, failure_retries: int = 0) -> dict:
+    """Train GTC; returns {'valid', 'test', 'checkpoint', 'history', 'seconds'}."""
+    t_start = time.perf_counter()
+    data_dir = Path(data_dir).absolute()
+    workers = cfg.ray.workers if workers is None else workers
+    use_gpu = cfg.ray.use_gpu if use_gpu is None else use_gpu
+    if workers < 0:
+        raise GtcInputError("--workers", f"must be >= 0, got {workers}", "use 0 (local mode), 1, 2, ...")
+    ds = load_dataset(data_dir)  # validation and hash checks before anything expensive
+    check_against_dataset(cfg, ds)
+    g = prepare(ds, cfg.graph, log=log)  # cached: workers only load it
+    del g
+    storage_path = Path(storage or cfg.ray.storage_path).absolute()
+    if resume and not name:
+        raise GtcInputError("--resume", "needs the --name of the run to continue", "pass --name NAME --resume")
+    name = name or f"gtc-{ds.manifest['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = storage_path / name
+    if run_dir.exists() and not resume:
+        raise GtcInputError(f"run {name}", f"already exists in {storage_path}",
+                            "pass --resume to continue it, or choose another --name")
+    if resume and not run_dir.exists():
+        raise GtcInputError(f"run {name}", f"does not exist in {storage_path}", "check --name and --storage")
+    loop_cfg = {"cfg": cfg.to_dict(), "data_dir": str(data_dir)}
+    log(f"run {name}: {ds.num_users:,} users, {ds.num_items:,} items, modalities "
+        f"{list(ds.features) if cfg.model.use_content else '(ID only)'}; storage {storage_path}")
+    if runner == "inprocess":
+        rt = InProcessRuntime(str(data_dir), run_dir, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        train_loop(loop_cfg, rt)
+        ckpt = rt.checkpoints[-1] if rt.checkpoints else rt.latest_checkpoint()
+    else:
+        import ray.train
+        from ray.train.torch import TorchConfig, TorchTrainer
+        ensure_ray(cfg, log)
+        scaling = ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu,
+            resources_per_worker=None if workers == 0 else ({"CPU": cfg.ray.cpus_per_worker, "GPU": 1} if use_gpu
+                                                            else {"CPU": cfg.ray.cpus_per_worker}))
+        trainer = TorchTrainer(
+            ray_worker_entry, train_loop_config=loop_cfg, scaling_config=scaling,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            datasets={"train": train_dataset(data_dir)},
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=str(storage_path),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=failure_retries)))
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        ckpt = Path(result.checkpoint.path)
+    meta = read_meta(ckpt)
+    if not meta.get("final"):
+        raise RuntimeError(f"training ended without a final evaluation (last checkpoint {ckpt})")
+    return {"valid": meta["valid"], "test": meta["test"], "checkpoint": str(ckpt), "history": meta["history"],
+            "best_epoch": meta["best_epoch"], "seconds": time.perf_counter() - t_start, "name": name}
+
+
+def format_table(summary: dict, topk=(5, 10, 20, 50)) -> str:
+    lines = [f"{'metric':<14}{'valid':>10}{'test':>10}"]
+    for m in ("recall", "ndcg", "precision", "map"):
+        for k in topk:
+            key = f"{m}@{k}"
+            if key in summary["valid"]:
+                lines.append(f"{key:<14}{summary['valid'][key]:>10.4f}{summary['test'][key]:>10.4f}")
+    return "\n".join(lines)
+
+
+def cli_train(a, log=print) -> int:
+    overrides = list(a.overrides)
+    if a.epochs is not None:
+        overrides.append(f"train.epochs={a.epochs}")
+    base = {"compat": {"freeze_denoiser": True, "stale_eval": True, "unstable_bpr": True}} if a.compat else None
+    cfg = load_config(a.config, overrides, base=base)
+    if a.address:
+        cfg.ray.address = a.address
+    summary = run_training(a.data_dir, cfg, workers=a.workers, use_gpu=a.gpu or None, name=a.name,
+                           storage=a.storage, resume=a.resume, log=log)
+    log("")
+    log(format_table(summary, cfg.eval.topk))
+    log(f"best epoch {summary['best_epoch']}; checkpoint {summary['checkpoint']}; {summary['seconds']:.0f}s")
+    if a.metrics_out:
+        Path(a.metrics_out).write_text(json.dumps(
+            {k: summary[k] for k in ("valid", "test", "checkpoint", "best_epoch", "name", "seconds")}, indent=2) + "\n")
+    return 0
+
+
+def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None) -> dict:
+    """Re-evaluate a checkpoint in-process (valid and test)."""
+    from gtc_ray.config import config_from_dict
+    from gtc_ray.data.prepare import train_matrix
+    from gtc_ray.model.gtc import GTC
+    from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
+    from gtc_ray.train.checkpoint import load_file
+    from gtc_ray.train.loop import derive_seed
+    from gtc_ray.train.metrics import evaluate_sums, sums_to_metrics
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    cfg = config_from_dict(meta["config"])
+    ds = load_dataset(data_dir or meta["data_dir"])
+    if ds.content_hash != meta["dataset"]:
+        raise GtcInputError(f"checkpoint {ckpt}", f"was trained on dataset {meta['dataset']}, not {ds.content_hash} "
+                            f"({ds.path})", "pass --data with the dataset the checkpoint was trained on")
+    g = prepare(ds, cfg.graph, log=lambda m: None)
+    u, i = ds.split_pairs("train")
+    model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
+    model.load_state_dict(load_file(ckpt, "model.pt", meta))
+    last_epoch = meta["best_epoch"] if meta.get("final") else meta["epoch"]
+    ug = sample_user_graph(g.user_user, cfg.model.user_graph_k,
+                           np.random.default_rng(derive_seed(cfg.train.seed, last_epoch, "ug")))
+    model.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), g.item_item, ug)
+    model.eval()
+    zu, yi = model.eval_embeddings(derive_seed(cfg.train.seed, "eval"))
+    seen = train_matrix(u, i, ds.num_users, ds.num_items)
+    out = {}
+    for split in ("valid", "test"):
+        su, si = ds.split_pairs(split)
+        truth = train_matrix(su, si, ds.num_users, ds.num_items)
+        mask = seen
+        if split == "test" and cfg.eval.mask_valid_in_test:
+            vu, vi = ds.split_pairs("valid")
+            mask = (seen + train_matrix(vu, vi, ds.num_users, ds.num_items)).tocsr()
+        sums, n = evaluate_sums(zu, yi, np.unique(su), truth, mask, cfg.eval.topk, cfg.eval.user_chunk)
+        out[split] = sums_to_metrics(sums, n, cfg.eval.topk)
+    return out
+
+
+def cli_evaluate(a, log=print) -> int:
+    res = evaluate_checkpoint(a.checkpoint, a.data)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        log(format_table(res))
+    return 0
