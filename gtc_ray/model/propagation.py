@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def to_torch_csr(m: sp.csr_matrix, device=None) -> torch.Tensor:

@@ -81,6 +81,11 @@ class Runtime:
     rank = 0
     world_size = 1
     device = torch.device("cpu")
+    verbose = True  # print progress from rank 0 (the Ray runtime prints from the controller instead)
+
+    @staticmethod
+    def log(msg: str) -> None:
+        print(msg, flush=True)
 
     def shard(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -117,7 +122,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     torch.set_num_threads(cfg.train.num_threads)
     seed = cfg.train.seed
     torch.manual_seed(derive_seed(seed, "init"))  # identical initial weights on every rank
-    log = print if rt.rank == 0 else (lambda *a, **k: None)
+    log = rt.log if rt.rank == 0 and rt.verbose else (lambda *a, **k: None)
 
     # 1. setup
     ds = load_dataset(config["data_dir"], verify=False)
@@ -235,7 +240,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     rec = {"epoch": history[-1]["epoch"] if history else -1, "final": True,
            **{f"valid_{k}": v for k, v in vfinal.items()}, **{f"test_{k}": v for k, v in tm.items()},
            "best_valid": best, "best_epoch": best_epoch, "test_seconds": time.perf_counter() - t2}
-    log(f"test on best epoch {best_epoch}: " + ", ".join(f"{k}={tm[k]:.4f}" for k in ("recall@20", "ndcg@20")))
+    log(_progress_line(rec, metric))
     meta = {"epoch": rec["epoch"], "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
             "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": True,
             "valid": vfinal, "test": tm}
@@ -247,12 +252,20 @@ def _write_ckpt(rt: Runtime, model_state, optim_state, best_state, meta) -> Path
         return None
     from gtc_ray.train.checkpoint import save_checkpoint
     import tempfile
-    d = Path(tempfile.mkdtemp(prefix="gtc-ckpt-")) / "checkpoint"
+    stage = getattr(rt, "stage_dir", None)
+    if stage is not None:  # persistent staging (Ray Train local mode keeps the directory it is given)
+        Path(stage).mkdir(parents=True, exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix="checkpoint_", dir=stage)) / "checkpoint"
+    else:
+        d = Path(tempfile.mkdtemp(prefix="gtc-ckpt-")) / "checkpoint"
     extra = {"best_model.pt": best_state} if best_state is not None else None
     return save_checkpoint(d, model_state, meta, optim_state, extra)
 
 
 def _progress_line(rec: dict, metric: str) -> str:
+    if rec.get("final"):
+        return (f"test on best epoch {rec['best_epoch']}: recall@20={rec.get('test_recall@20', float('nan')):.4f}, "
+                f"ndcg@20={rec.get('test_ndcg@20', float('nan')):.4f}")
     s = (f"epoch {rec['epoch']:4d}  loss {rec['train_loss']:.4f} (bpr {rec['train_bpr']:.4f} tc {rec['train_tc']:.4f} "
          f"gen {rec['train_gen']:.4f} reg {rec['train_reg']:.5f})")
     if f"valid_{metric}" in rec:

@@ -31,8 +31,9 @@ from gtc_ray.train.loop import Runtime, train_loop
 class InProcessRuntime(Runtime):
     """Single process, no Ray: checkpoints under `run_dir/checkpoint_NNNNNN`."""
 
-    def __init__(self, data_dir: str, run_dir: Path, device: str = "cpu"):
+    def __init__(self, data_dir: str, run_dir: Path, device: str = "cpu", log=print):
         self.data_dir, self.run_dir, self.device = data_dir, run_dir, torch.device(device)
+        self.log = log
         self.reports: list[dict] = []
         self.checkpoints: list[Path] = []
 
@@ -55,11 +56,22 @@ class InProcessRuntime(Runtime):
 
 
 class RayTrainRuntime(Runtime):
-    def __init__(self):
+    verbose = False  # progress is printed once, by ProgressCallback on the controller
+
+    def __init__(self, stage_dir: str | None = None):
+        import logging
         import ray.train
         import ray.train.torch
+        # per-report INFO lines ("Reporting training result ...") would drown the progress output
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        try:  # Train V2 logs each report under a logger named after its file
+            from ray.train.v2._internal.execution import context as _ctx
+            logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
+        except ImportError:
+            pass
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.stage_dir = stage_dir  # set in local mode, where report() does not copy the checkpoint
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -95,13 +107,27 @@ class RayTrainRuntime(Runtime):
         import ray.train
         ck = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=ck)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and self.stage_dir is None:
             shutil.rmtree(Path(checkpoint_dir).parent, ignore_errors=True)
+
+
+def make_progress_callback(metric: str):
+    from ray.train import UserCallback
+    from gtc_ray.train.loop import _progress_line
+
+    class ProgressCallback(UserCallback):
+        """Prints one progress line per epoch (rank 0's metrics), on the Train controller."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and "epoch" in metrics[0]:
+                print(_progress_line(metrics[0], metric), flush=True)
+
+    return ProgressCallback()
 
 
 def ray_worker_entry(config: dict) -> None:
     """The function Ray Train runs on every worker."""
-    train_loop(config, RayTrainRuntime())
+    train_loop(config, RayTrainRuntime(config.get("stage_dir")))
 
 
 # ------------------------------------------------------------------ Ray setup
@@ -131,8 +157,8 @@ def _keep_train_rows(batch: dict) -> dict:
 def train_dataset(data_dir: Path):
     """Ray Data: read the interactions table and keep the training rows (sharded to workers by Train)."""
     import ray.data
-    return ray.data.read_parquet(str(data_dir / "interactions.parquet"), columns=["user", "item", "split"]) \
-        .map_batches(_keep_train_rows, batch_format="numpy")
+    return ray.data.read_parquet(str(data_dir / "interactions.parquet")) \
+        .select_columns(["user", "item", "split"]).map_batches(_keep_train_rows, batch_format="numpy")
 
 
 # ------------------------------------------------------------------ driver
@@ -176,13 +202,15 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     log(f"run {name}: {ds.num_users:,} users, {ds.num_items:,} items, modalities "
         f"{list(ds.features) if cfg.model.use_content else '(ID only)'}; storage {storage_path}")
     if runner == "inprocess":
-        rt = InProcessRuntime(str(data_dir), run_dir, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        rt = InProcessRuntime(str(data_dir), run_dir, "cuda" if use_gpu and torch.cuda.is_available() else "cpu", log)
         train_loop(loop_cfg, rt)
         ckpt = rt.checkpoints[-1] if rt.checkpoints else rt.latest_checkpoint()
     else:
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
         ensure_ray(cfg, log)
+        if workers == 0:
+            loop_cfg["stage_dir"] = str(run_dir / "local_checkpoints")
         scaling = ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu,
             resources_per_worker=None if workers == 0 else ({"CPU": cfg.ray.cpus_per_worker, "GPU": 1} if use_gpu
@@ -192,7 +220,7 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             datasets={"train": train_dataset(data_dir)},
             run_config=ray.train.RunConfig(
-                name=name, storage_path=str(storage_path),
+                name=name, storage_path=str(storage_path), callbacks=[make_progress_callback(cfg.eval.valid_metric)],
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=failure_retries)))
         result = trainer.fit()
