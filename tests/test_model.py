@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gtc_ray.config import CompatConfig, ModelConfig
 from gtc_ray.model.diffusion import ConditionalDenoiser, NoiseSchedule, timestep_embedding
 from gtc_ray.model.gtc import GTC, gate_as_written, gate_per_modality
-from gtc_ray.model.propagation import bipartite_adjacency, propagate, sample_user_graph, to_torch_csr
+from gtc_ray.model.propagation import SparseOperator, bipartite_adjacency, propagate, sample_user_graph, spmm
 from gtc_ray.model.total_correlation import pairwise_infonce, tc_loss_n, tc_loss_n_squared
 
 
@@ -130,7 +130,18 @@ def test_propagation_matches_dense():
     np.testing.assert_allclose(a.toarray(), Ahat, rtol=1e-6)
     x = torch.randn(7, 5)
     ref = x.numpy() + Ahat @ x.numpy() + Ahat @ Ahat @ x.numpy()
-    np.testing.assert_allclose(propagate(to_torch_csr(a), x, 2).numpy(), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(propagate(SparseOperator(a), x, 2).numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_spmm_gradient_matches_dense_for_unsymmetric_matrix():
+    rng = np.random.default_rng(3)
+    m = sp.random(6, 5, density=0.4, random_state=3, format="csr", dtype=np.float32)
+    x = torch.randn(5, 3, requires_grad=True)
+    g = torch.randn(6, 3)
+    (spmm(SparseOperator(m), x) * g).sum().backward()
+    xd = x.detach().clone().requires_grad_(True)
+    (torch.from_numpy(m.toarray()) @ xd * g).sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad)
 
 
 def test_user_graph_sampling_semantics():

@@ -29,7 +29,7 @@ from torch import nn
 
 from gtc_ray.config import CompatConfig, ModelConfig
 from gtc_ray.model.diffusion import ConditionalDenoiser, NoiseSchedule
-from gtc_ray.model.propagation import propagate, spmm, to_torch_csr
+from gtc_ray.model.propagation import SparseOperator, propagate, spmm
 from gtc_ray.model.total_correlation import total_correlation_loss
 
 LN2 = math.log(2.0)
@@ -92,15 +92,15 @@ class GTC(nn.Module):
         """Set the fixed tensors (features, normalised adjacency, item-item and user-user graphs)."""
         device = device or self.item_embedding.device
         self.features = {m: torch.as_tensor(features[m], dtype=torch.float32, device=device) for m in self.modalities}
-        self.adj = to_torch_csr(adj, device)
+        self.adj = SparseOperator(adj, device)
         use_ii = item_graph is not None and item_graph.nnz > 0 and len(self.modalities) > 0
-        self.item_graph = to_torch_csr(item_graph, device) if use_ii else None
+        self.item_graph = SparseOperator(item_graph, device) if use_ii else None
         self.set_user_graph(user_graph, device)
         return self
 
     def set_user_graph(self, user_graph: sp.csr_matrix | None, device=None) -> None:
         device = device or self.item_embedding.device
-        self.user_graph = to_torch_csr(user_graph, device) if user_graph is not None and user_graph.nnz else None
+        self.user_graph = SparseOperator(user_graph, device) if user_graph is not None and user_graph.nnz else None
         self._eval_cache = None
 
     # ------------------------------------------------------------------ forward
