@@ -216,6 +216,8 @@ def train_loop(config: dict, rt: Runtime) -> None:
             stop = bad > cfg.train.patience
         rec.update({"train_seconds": train_s, "eval_seconds": time.perf_counter() - t1,
                     "best_valid": best, "best_epoch": best_epoch})
+        if rt.device.type == "cuda":
+            rec["gpu_peak_mb"] = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20
         history.append(rec)
         epochs_run += 1
         log(_progress_line(rec, metric))

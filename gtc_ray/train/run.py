@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,7 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     storage_path = Path(storage or cfg.ray.storage_path).absolute()
     if resume and not name:
         raise GtcInputError("--resume", "needs the --name of the run to continue", "pass --name NAME --resume")
-    name = name or f"gtc-{ds.manifest['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = name or f"gtc-{ds.manifest['name']}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir = storage_path / name
     if run_dir.exists() and not resume:
         raise GtcInputError(f"run {name}", f"already exists in {storage_path}",
@@ -208,6 +209,14 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     else:
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
+        local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+        if local and workers * cfg.ray.cpus_per_worker > cfg.ray.num_cpus - 1:
+            # Ray Data's read tasks need a whole free CPU, or ingestion waits forever (RAY_NOTES P3)
+            raise GtcInputError("config keys ray.workers/ray.cpus_per_worker",
+                                f"{workers} workers x {cfg.ray.cpus_per_worker} CPU leave less than one of the "
+                                f"local Ray's {cfg.ray.num_cpus} CPUs for Ray Data, which would hang",
+                                f"use ray.cpus_per_worker <= {(cfg.ray.num_cpus - 1) / max(workers, 1):g} "
+                                "(CPUs are logical; torch threads are set by train.num_threads) or raise ray.num_cpus")
         ensure_ray(cfg, log)
         if workers == 0:
             loop_cfg["stage_dir"] = str(run_dir / "local_checkpoints")

@@ -1,0 +1,78 @@
+"""Training benchmark, measured side by side in one run.
+
+    python bench/train.py DATA_DIR [--epochs 3] [--set section.key=value ...] [--skip-ray]
+    python bench/train.py --preset baby            # generates a Baby-sized synthetic set first
+
+Prints, each with one CPU thread per worker (spec P12):
+- in-process loop (no Ray): seconds per training epoch and per full validation evaluation;
+- Ray TorchTrainer, 1 worker: the same, and the ratio to in-process (the Ray overhead; target <= 1.15);
+- Ray TorchTrainer, 2 workers, `batch_scaling=split` (steps per epoch as single-process) and
+  `batch_scaling=per_worker` (each worker a full batch: half the steps): the 1-worker/2-worker
+  epoch-time ratio (target >= 1.6 on the Baby-sized set).
+Epoch times are the mean over epochs after the first (warm-up) as measured inside the loop;
+start-up (Ray, workers, process group) is printed separately as whole-run wall time.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gtc_ray.config import load_config  # noqa: E402
+from gtc_ray.train.run import run_training  # noqa: E402
+
+
+def epoch_stats(s):
+    h = s["history"][1:] or s["history"]
+    return statistics.mean(r["train_seconds"] for r in h), statistics.mean(r["eval_seconds"] for r in h)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", nargs="?")
+    ap.add_argument("--preset", help="generate a synthetic dataset of this preset instead of DATA")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--skip-ray", action="store_true")
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="gtc-bench-"))
+    data = a.data
+    if a.preset:
+        from gtc_ray.data.synth import synth
+        data = tmp / a.preset
+        t = time.perf_counter()
+        synth(data, a.preset, seed=0)
+        print(f"generated {a.preset} in {time.perf_counter() - t:.1f}s")
+    if data is None:
+        ap.error("give DATA_DIR or --preset")
+    base = a.overrides + [f"train.epochs={a.epochs}", "train.patience=1000", "train.num_threads=1",
+                          ]
+    rows = []
+
+    def run(label, runner, workers, extra=()):
+        cfg = load_config(overrides=base + list(extra))
+        t = time.perf_counter()
+        s = run_training(data, cfg, runner=runner, workers=workers, storage=tmp / "runs", log=lambda m: None)
+        wall = time.perf_counter() - t
+        ep, ev = epoch_stats(s)
+        rows.append((label, ep, ev, wall))
+        print(f"{label:<34} epoch {ep:7.2f}s  eval {ev:6.2f}s  whole run {wall:7.1f}s", flush=True)
+        return ep
+
+    print(f"dataset {data}; {a.epochs} epochs per run; 1 thread per worker")
+    local = run("in-process (no Ray)", "inprocess", 1)
+    if not a.skip_ray:
+        one = run("TorchTrainer, 1 worker", "ray", 1)
+        two = run("TorchTrainer, 2 workers (split)", "ray", 2)
+        two_pw = run("TorchTrainer, 2 workers (per_worker)", "ray", 2, ["train.batch_scaling=per_worker"])
+        print(f"\nRay overhead (1-worker epoch / in-process epoch): {one / local:.2f}x  (target <= 1.15)")
+        print(f"2-worker speed-up, same steps per epoch (split):   {one / two:.2f}x")
+        print(f"2-worker speed-up, full batch per worker:           {one / two_pw:.2f}x  (target >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()
