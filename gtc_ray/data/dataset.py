@@ -1,0 +1,314 @@
+"""The gtc-ray dataset format: a directory of Parquet tables plus a JSON manifest.
+
+    DIR/manifest.json              format version, counts, split scheme, modalities, provenance, hashes
+    DIR/interactions.parquet       user:int32, item:int32, split:int8 (0 train, 1 valid, 2 test)
+                                   [, timestamp:int64] [, rating:float32]
+    DIR/features/<modality>.parquet item:int32, feature:fixed_size_list<float32>[dim]   (one per modality)
+    DIR/users.parquet, items.parquet   index:int32, raw_id:string   (maps back to the raw ids)
+    DIR/prepared/<key>/            graphs built by `gtc-ray prepare` (see prepare.py)
+
+`write_dataset` validates everything first, writes into a temporary sibling directory and renames
+it into place, so no partial dataset directory is ever left behind. `load_dataset` re-checks the
+content hashes and the tables, so a file edited after import is caught before training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gtc_ray.errors import GtcInputError
+
+FORMAT = "gtc-ray-dataset"
+VERSION = 1
+SPLITS = ("train", "valid", "test")
+HASHED_FILES = ("interactions.parquet", "users.parquet", "items.parquet")
+
+
+@dataclass
+class Dataset:
+    """An in-memory dataset: contiguous 0-based user and item indices."""
+
+    users: np.ndarray  # int32 [N]
+    items: np.ndarray  # int32 [N]
+    split: np.ndarray  # int8 [N]
+    num_users: int
+    num_items: int
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [num_items, dim]
+    timestamps: np.ndarray | None = None
+    ratings: np.ndarray | None = None
+    user_ids: np.ndarray | None = None  # raw ids (str) by index
+    item_ids: np.ndarray | None = None
+    manifest: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def split_mask(self, name: str) -> np.ndarray:
+        return self.split == SPLITS.index(name)
+
+    def split_pairs(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        m = self.split_mask(name)
+        return self.users[m], self.items[m]
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest.get("content_hash", "")
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def _examples(mask: np.ndarray, *cols: np.ndarray, n: int = 3) -> list[str]:
+    rows = np.flatnonzero(mask)[:n]
+    return [f"row {r}: " + "/".join(str(c[r]) for c in cols) for r in rows]
+
+
+def validate_arrays(ds: Dataset, source: str) -> dict:
+    """Check a dataset's invariants. Returns per-split counts. Raises GtcInputError naming `source`."""
+    inter = f"{source}/interactions"
+    n = len(ds.users)
+    if not (len(ds.items) == n == len(ds.split)):
+        raise GtcInputError(inter, "columns user, item and split have different lengths",
+                            "rebuild the table so that every row has a user, an item and a split")
+    if n == 0:
+        raise GtcInputError(inter, "has no rows", "import a non-empty interaction table")
+    for col, arr, count, what in (("user", ds.users, ds.num_users, "users"), ("item", ds.items, ds.num_items, "items")):
+        bad = (arr < 0) | (arr >= count)
+        if bad.any():
+            raise GtcInputError(f"{inter}, column {col!r}", f"{int(bad.sum())} ids out of range [0, {count})",
+                                f"ids must be 0-based and below the number of {what} ({count}); re-import "
+                                "with `gtc-ray data import`, which re-indexes raw ids",
+                                _examples(bad, ds.users, ds.items))
+        present = np.bincount(arr, minlength=count) > 0
+        if not present.all():
+            missing = np.flatnonzero(~present)
+            raise GtcInputError(f"{inter}, column {col!r}",
+                                f"ids are not contiguous: {len(missing)} of {count} {what} have no interaction",
+                                "re-index ids to 0..n-1 (`gtc-ray data import` does this) or drop those "
+                                f"{what} from the feature tables", [f"{col} {m}" for m in missing[:5]])
+    bad = ~np.isin(ds.split, (0, 1, 2))
+    if bad.any():
+        raise GtcInputError(f"{inter}, column 'split'", "labels must be 0 (train), 1 (valid) or 2 (test)",
+                            "relabel the split column", _examples(bad, ds.split))
+    key = ds.users.astype(np.int64) * ds.num_items + ds.items
+    uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
+    if len(uniq) != n:
+        dup = np.zeros(n, bool)
+        dup[np.setdiff1d(np.arange(n), first)] = True
+        raise GtcInputError(inter, f"{n - len(uniq)} duplicate (user, item) pairs",
+                            "keep one row per pair (the generic importer's --dedup keeps the earliest)",
+                            _examples(dup, ds.users, ds.items))
+    counts_by_split = {s: int((ds.split == i).sum()) for i, s in enumerate(SPLITS)}
+    for s, c in counts_by_split.items():
+        if c == 0:
+            raise GtcInputError(inter, f"the {s} split is empty",
+                                "give every split rows (re-split with `gtc-ray data import --split random`)")
+    for name, f in ds.features.items():
+        where = f"{source}/features/{name}"
+        if f.ndim != 2 or f.shape[0] != ds.num_items:
+            raise GtcInputError(where, f"has {f.shape[0] if f.ndim else 0} rows for {ds.num_items} items",
+                                "provide exactly one feature row per item index")
+        finite = np.isfinite(f).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise GtcInputError(where, f"{len(bad)} rows contain NaN or infinite values",
+                                "fix or impute those rows (e.g. with the mean feature vector)",
+                                [f"item {b}" for b in bad[:5]])
+        dim = ds.manifest.get("modalities", {}).get(name, {}).get("dim")
+        if dim is not None and f.shape[1] != dim:
+            raise GtcInputError(where, f"width {f.shape[1]} differs from the manifest's {dim}",
+                                "re-import the features or fix manifest.json")
+    return counts_by_split
+
+
+# ----------------------------------------------------------------------------------------- write
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _features_table(f: np.ndarray) -> pa.Table:
+    f = np.ascontiguousarray(f, dtype=np.float32)
+    flat = pa.array(f.reshape(-1), type=pa.float32())
+    col = pa.FixedSizeListArray.from_arrays(flat, f.shape[1])
+    return pa.table({"item": pa.array(np.arange(f.shape[0], dtype=np.int32)), "feature": col})
+
+
+def _id_table(raw: np.ndarray | None, n: int) -> pa.Table:
+    raw = np.arange(n).astype(str) if raw is None else np.asarray(raw).astype(str)
+    return pa.table({"index": pa.array(np.arange(n, dtype=np.int32)), "raw_id": pa.array(raw, pa.string())})
+
+
+def write_dataset(ds: Dataset, out: str | Path, *, name: str, split_scheme: str, provenance: dict,
+                  overwrite: bool = False) -> dict:
+    """Validate, then write `ds` atomically to `out`. Returns the manifest."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise GtcInputError(f"output {out}", "already exists", "choose a new directory or pass --overwrite")
+    counts = validate_arrays(ds, str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        cols = {"user": pa.array(ds.users.astype(np.int32)), "item": pa.array(ds.items.astype(np.int32)),
+                "split": pa.array(ds.split.astype(np.int8))}
+        if ds.timestamps is not None:
+            cols["timestamp"] = pa.array(ds.timestamps.astype(np.int64))
+        if ds.ratings is not None:
+            cols["rating"] = pa.array(ds.ratings.astype(np.float32))
+        pq.write_table(pa.table(cols), tmp / "interactions.parquet")
+        pq.write_table(_id_table(ds.user_ids, ds.num_users), tmp / "users.parquet")
+        pq.write_table(_id_table(ds.item_ids, ds.num_items), tmp / "items.parquet")
+        (tmp / "features").mkdir()
+        modalities = {}
+        for m, f in ds.features.items():
+            pq.write_table(_features_table(f), tmp / "features" / f"{m}.parquet")
+            modalities[m] = {"dim": int(f.shape[1]), "file": f"features/{m}.parquet"}
+        hashes = {p: sha256_file(tmp / p) for p in HASHED_FILES}
+        hashes.update({v["file"]: sha256_file(tmp / v["file"]) for v in modalities.values()})
+        content = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+        manifest = {
+            "format": FORMAT, "version": VERSION, "name": name,
+            "num_users": ds.num_users, "num_items": ds.num_items, "num_interactions": int(len(ds.users)),
+            "splits": counts, "split_scheme": split_scheme, "modalities": modalities,
+            "has_timestamp": ds.timestamps is not None, "has_rating": ds.ratings is not None,
+            "provenance": {**provenance, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            "hashes": hashes, "content_hash": content,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():  # overwrite: move the old one aside first, so a crash leaves one complete copy
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------- read
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise GtcInputError(f"dataset {path}", "has no manifest.json (not a gtc-ray dataset directory)",
+                            "create one with `gtc-ray data import-mmrec`, `gtc-ray data import` or `gtc-ray data synth`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise GtcInputError(str(mf), f"is not valid JSON ({e})", "re-import the dataset") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise GtcInputError(str(mf), f"format {manifest.get('format')!r} version {manifest.get('version')!r} "
+                            f"is not {FORMAT!r} version {VERSION}", "re-import the dataset with this gtc-ray")
+    for k in ("num_users", "num_items", "modalities", "hashes", "splits"):
+        if k not in manifest:
+            raise GtcInputError(str(mf), f"is missing the field {k!r}", "re-import the dataset")
+    return manifest
+
+
+def verify_hashes(path: Path, manifest: dict) -> None:
+    for rel, expected in manifest["hashes"].items():
+        p = path / rel
+        if not p.is_file():
+            raise GtcInputError(f"{p}", "is listed in manifest.json but missing", "re-import the dataset")
+        if sha256_file(p) != expected:
+            raise GtcInputError(f"{p}", "content no longer matches the hash in manifest.json (edited or corrupted "
+                                "after import)", "re-import the dataset rather than editing its files")
+
+
+def _require_columns(table: pa.Table, where: str, required: dict) -> None:
+    for col, pred in required.items():
+        if col not in table.column_names:
+            raise GtcInputError(where, f"missing column {col!r} (has {table.column_names})",
+                                f"add the column {col!r} or re-import the dataset")
+        if not pred(table.schema.field(col).type):
+            raise GtcInputError(where, f"column {col!r} has type {table.schema.field(col).type}",
+                                f"store {col!r} as an integer column")
+
+
+def read_features(path: Path, name: str, info: dict, num_items: int) -> np.ndarray:
+    where = str(path / info["file"])
+    t = pq.read_table(path / info["file"])
+    _require_columns(t, where, {"item": pa.types.is_integer, "feature": lambda ty: True})
+    ftype = t.schema.field("feature").type
+    if not (pa.types.is_fixed_size_list(ftype) or pa.types.is_list(ftype) or pa.types.is_large_list(ftype)):
+        raise GtcInputError(where, f"column 'feature' has type {ftype}", "store features as a list<float32> column")
+    col = t.column("feature").combine_chunks()
+    if pa.types.is_fixed_size_list(ftype):
+        f = col.values.to_numpy(zero_copy_only=False).reshape(len(t), ftype.list_size)
+    else:
+        lens = np.unique(col.value_lengths().to_numpy(zero_copy_only=False))
+        if len(lens) != 1:
+            raise GtcInputError(where, f"rows have different widths {lens[:5].tolist()}",
+                                "give every item a feature vector of the same width")
+        f = col.flatten().to_numpy(zero_copy_only=False).reshape(len(t), int(lens[0]))
+    items = t.column("item").to_numpy()
+    if len(items) != num_items or not np.array_equal(np.sort(items), np.arange(num_items)):
+        missing = np.setdiff1d(np.arange(num_items), items)
+        raise GtcInputError(where, f"rows do not cover every item exactly once ({len(items)} rows for "
+                            f"{num_items} items, {len(missing)} items missing)",
+                            "provide one feature row per item", [f"item {m}" for m in missing[:5]])
+    out = np.empty((num_items, f.shape[1]), np.float32)
+    out[items] = f
+    return out
+
+
+def load_dataset(path: str | Path, *, verify: bool = True, modalities: list[str] | None = None) -> Dataset:
+    """Read and check a dataset directory. `verify` re-hashes the files against the manifest."""
+    path = Path(path).absolute()
+    manifest = read_manifest(path)
+    if verify:
+        verify_hashes(path, manifest)
+    t = pq.read_table(path / "interactions.parquet")
+    where = str(path / "interactions.parquet")
+    _require_columns(t, where, {"user": pa.types.is_integer, "item": pa.types.is_integer,
+                                "split": pa.types.is_integer})
+    feats = {}
+    for name, info in manifest["modalities"].items():
+        if modalities is None or name in modalities:
+            feats[name] = read_features(path, name, info, manifest["num_items"])
+    ids = {}
+    for kind in ("users", "items"):
+        p = path / f"{kind}.parquet"
+        ids[kind] = pq.read_table(p).column("raw_id").to_numpy(zero_copy_only=False) if p.exists() else None
+    ds = Dataset(
+        users=t.column("user").to_numpy().astype(np.int32), items=t.column("item").to_numpy().astype(np.int32),
+        split=t.column("split").to_numpy().astype(np.int8), num_users=manifest["num_users"],
+        num_items=manifest["num_items"], features=feats,
+        timestamps=t.column("timestamp").to_numpy() if "timestamp" in t.column_names else None,
+        ratings=t.column("rating").to_numpy() if "rating" in t.column_names else None,
+        user_ids=ids["users"], item_ids=ids["items"], manifest=manifest, path=path)
+    validate_arrays(ds, str(path))
+    return ds
+
+
+def describe(path: str | Path) -> dict:
+    """A summary of a dataset (what `gtc-ray data describe` prints)."""
+    ds = load_dataset(path)
+    m = ds.manifest
+    train_u, _ = ds.split_pairs("train")
+    per_user = np.bincount(train_u, minlength=ds.num_users)
+    return {
+        "path": str(ds.path), "name": m["name"], "num_users": ds.num_users, "num_items": ds.num_items,
+        "num_interactions": m["num_interactions"], "splits": m["splits"], "split_scheme": m["split_scheme"],
+        "modalities": {k: v["dim"] for k, v in m["modalities"].items()},
+        "density": m["num_interactions"] / (ds.num_users * ds.num_items),
+        "train_per_user": {"min": int(per_user.min()), "median": float(np.median(per_user)),
+                           "max": int(per_user.max())},
+        "content_hash": m["content_hash"], "provenance": m["provenance"],
+    }

@@ -1,0 +1,132 @@
+"""MLflow tracking: embedded SQLite store by default, one writer process per run.
+
+Default store: `sqlite:///<cwd>/mlflow.db` with artifacts under `<cwd>/mlartifacts` (absolute, so
+Ray workers and trial processes, which change directory, still write to the right place;
+RAY_NOTES §2). `MLFLOW_TRACKING_URI` (or `--tracking-uri`) points at a real server instead.
+
+MLflow metric names may not contain '@': `recall@20` is logged as `recall_at_20`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+DEFAULT_EXPERIMENT = "gtc-ray"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd().absolute() / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Absolute artifact location for a local SQLite store (None: the server decides)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").absolute().as_uri()
+    return None
+
+
+def metric_key(name: str) -> str:
+    return name.replace("@", "_at_")
+
+
+def numeric_metrics(rec: dict) -> dict[str, float]:
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[metric_key(k)] = float(v)
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def client(uri: str | None = None):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    uri = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(c, name: str = DEFAULT_EXPERIMENT) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_root(c._tracking_client.tracking_uri))
+
+
+def log_history(c, run_id: str, history: list[dict], step_key: str = "epoch") -> None:
+    from mlflow.entities import Metric
+    import time
+    ts = int(time.time() * 1000)
+    metrics = []
+    for rec in history:
+        step = int(rec.get(step_key, 0))
+        metrics += [Metric(k, v, ts, step) for k, v in numeric_metrics(rec).items() if k != step_key]
+    for i in range(0, len(metrics), 900):  # the store's batch limit is 1000
+        c.log_batch(run_id, metrics=metrics[i:i + 900])
+
+
+def log_config_artifacts(c, run_id: str, config: dict, history: list[dict] | None = None) -> None:
+    """The resolved config as YAML and, when there is a history, a training-curves plot."""
+    import yaml
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "config.yaml"
+        p.write_text(yaml.safe_dump(config, sort_keys=False))
+        c.log_artifact(run_id, str(p))
+        if history:
+            plot = Path(d) / "training_curves.png"
+            if plot_curves(history, plot):
+                c.log_artifact(run_id, str(plot))
+
+
+def plot_curves(history: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ep = [r["epoch"] for r in history if "train_loss" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in ("train_loss", "train_bpr", "train_tc", "train_gen"):
+        ax[0].plot(ep, [r[k] for r in history if "train_loss" in r], label=k[6:])
+    ax[0].set_xlabel("epoch"); ax[0].set_title("training losses"); ax[0].legend()
+    for k in ("valid_recall@20", "valid_ndcg@20"):
+        pts = [(r["epoch"], r[k]) for r in history if k in r and "train_loss" in r]
+        if pts:
+            ax[1].plot(*zip(*pts), label=k[6:])
+    ax[1].set_xlabel("epoch"); ax[1].set_title("validation"); ax[1].legend()
+    fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)
+    return True
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
