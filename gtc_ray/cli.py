@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--name", help="run name (default gtc-<dataset>-<time>)")
     tr.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     tr.add_argument("--metrics-out", metavar="FILE", help="write final valid/test metrics and checkpoint as JSON")
+    tr.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    tr.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+
+    tu = sub.add_parser("tune", help="hyper-parameter search with Ray Tune (ASHA), every trial logged to MLflow")
+    tu.add_argument("data_dir", help="dataset directory")
+    tu.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    _add_config_args(tu)
+    tu.add_argument("--samples", type=int, help="number of sampled trials (default: the space's 'samples')")
+    tu.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's 'max_concurrent')")
+    tu.add_argument("--name", help="search name (default search-<space>-<time>)")
+    tu.add_argument("--resume", action="store_true", help="continue the named search without rerunning finished trials")
+    tu.add_argument("--workers", type=int, help="DDP workers per trial (default ray.workers)")
+    tu.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    tu.add_argument("--storage", help="directory for search state and checkpoints (ray.storage_path)")
+    tu.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the validation and test splits")
     ev.add_argument("checkpoint", help="checkpoint directory (holds model.pt and meta.json)")
@@ -171,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.verb == "train":
             from gtc_ray.train.run import cli_train
             return cli_train(a, log=_log)
+        if a.verb == "tune":
+            from gtc_ray.tune.driver import cli_tune
+            return cli_tune(a, log=_log)
         if a.verb == "evaluate":
             from gtc_ray.train.run import cli_evaluate
             return cli_evaluate(a, log=_log)

@@ -73,11 +73,90 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def experiment_id(c, name: str = DEFAULT_EXPERIMENT) -> str:
+def experiment_id(c, uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_root(c._tracking_client.tracking_uri))
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root(uri))
+    except Exception:  # created concurrently by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def log_params(c, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 90):
+        c.log_batch(run_id, params=items[i:i + 90])
+
+
+def dataset_tags(ds) -> dict:
+    return {"gtc.dataset_hash": ds.content_hash, "gtc.dataset_name": ds.manifest.get("name", ""),
+            "gtc.dataset_path": str(ds.path), "gtc.git_commit": git_commit()}
+
+
+class TrainTracker:
+    """One MLflow run for `gtc-ray train`: created by the driver, fed live by the Train controller."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._c = None
+
+    @property
+    def c(self):
+        if self._c is None:
+            self._c = client(self.uri)
+        return self._c
+
+    def __getstate__(self):  # travels to the Train controller: strings only
+        return {"uri": self.uri, "run_id": self.run_id, "_c": None}
+
+    @classmethod
+    def start(cls, uri: str | None, name: str, cfg, ds, log=print) -> "TrainTracker":
+        uri = resolve_tracking_uri(uri)
+        c = client(uri)
+        run = c.create_run(experiment_id(c, uri), run_name=name, tags={**dataset_tags(ds), "gtc.kind": "train"})
+        log_params(c, run.info.run_id, flatten(cfg.to_dict()))
+        t = cls(uri, run.info.run_id)
+        t._c = c
+        return t
+
+    def log(self, rec: dict) -> None:
+        from mlflow.entities import Metric
+        import time as _t
+        ts, step = int(_t.time() * 1000), int(rec.get("epoch", 0))
+        self.c.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in numeric_metrics(rec).items()
+                                              if k != "epoch"])
+
+    def train_callback(self):
+        from ray.train import UserCallback
+        tracker = self
+
+        class MlflowEpochLogger(UserCallback):
+            """Logs rank 0's metrics of every report to the run (runs on the Train controller)."""
+
+            def after_report(self, run_context, metrics, checkpoint):
+                if metrics:
+                    tracker.log(metrics[0])
+
+        return MlflowEpochLogger()
+
+    def finish(self, out: dict, cfg, live: bool) -> None:
+        if not live:
+            log_history(self.c, self.run_id, out["history"])
+        final = {**{f"final_valid_{k}": v for k, v in out["valid"].items()},
+                 **{f"test_{k}": v for k, v in out["test"].items()}, "best_epoch": out["best_epoch"]}
+        self.c.log_batch(self.run_id, metrics=[__import__("mlflow").entities.Metric(k, v, 0, 0)
+                                               for k, v in numeric_metrics(final).items()])
+        self.c.set_tag(self.run_id, "gtc.checkpoint", out["checkpoint"])
+        log_config_artifacts(self.c, self.run_id, cfg.to_dict(), out["history"])
+        self.c.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self) -> None:
+        self.c.set_terminated(self.run_id, "FAILED")
 
 
 def log_history(c, run_id: str, history: list[dict], step_key: str = "epoch") -> None:

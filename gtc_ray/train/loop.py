@@ -238,7 +238,9 @@ def train_loop(config: dict, rt: Runtime) -> None:
     t2 = time.perf_counter()
     model.eval()
     vfinal = _evaluate(model, rt, valid_users, valid, seen, cfg, derive_seed(seed, "eval"))
-    tm = _evaluate(model, rt, test_users, test, test_mask, cfg, derive_seed(seed, "eval"))
+    # Tune trials skip the test split: only the selected trial is tested, once, by the search driver
+    tm = _evaluate(model, rt, test_users, test, test_mask, cfg, derive_seed(seed, "eval")) \
+        if config.get("evaluate_test", True) else {}
     rec = {"epoch": history[-1]["epoch"] if history else -1, "final": True,
            **{f"valid_{k}": v for k, v in vfinal.items()}, **{f"test_{k}": v for k, v in tm.items()},
            "best_valid": best, "best_epoch": best_epoch, "test_seconds": time.perf_counter() - t2}
@@ -265,6 +267,8 @@ def _write_ckpt(rt: Runtime, model_state, optim_state, best_state, meta) -> Path
 
 
 def _progress_line(rec: dict, metric: str) -> str:
+    if rec.get("final") and "test_recall@20" not in rec:
+        return f"final: best epoch {rec['best_epoch']}, valid {metric} {rec.get(f'valid_{metric}', float('nan')):.4f}"
     if rec.get("final"):
         return (f"test on best epoch {rec['best_epoch']}: recall@20={rec.get('test_recall@20', float('nan')):.4f}, "
                 f"ndcg@20={rec.get('test_ndcg@20', float('nan')):.4f}")

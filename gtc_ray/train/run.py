@@ -73,6 +73,7 @@ class RayTrainRuntime(Runtime):
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.stage_dir = stage_dir  # set in local mode, where report() does not copy the checkpoint
+        self.verbose = stage_dir is not None  # local mode runs no Train callbacks: print from the loop
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -133,8 +134,21 @@ def ray_worker_entry(config: dict) -> None:
 
 # ------------------------------------------------------------------ Ray setup
 
-def ensure_ray(cfg: Config, log=print) -> None:
+def check_local_resources(cfg: Config, workers: int, extra_cpu: float = 0.0) -> None:
+    """On the embedded local Ray, leave a whole CPU to Ray Data, or ingestion waits forever (RAY_NOTES P3)."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    if workers * cfg.ray.cpus_per_worker + extra_cpu > cfg.ray.num_cpus - 1:
+        raise GtcInputError("config keys ray.workers/ray.cpus_per_worker",
+                            f"{workers} workers x {cfg.ray.cpus_per_worker} CPU leave less than one of the "
+                            f"local Ray's {cfg.ray.num_cpus} CPUs for Ray Data, which would hang",
+                            f"use ray.cpus_per_worker <= {(cfg.ray.num_cpus - 1 - extra_cpu) / max(workers, 1):g} "
+                            "(CPUs are logical; torch threads are set by train.num_threads) or raise ray.num_cpus")
+
+
+def ensure_ray(cfg: Config, log=print, workers: int = 0, extra_cpu: float = 0.0) -> None:
     import ray
+    check_local_resources(cfg, workers, extra_cpu)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # end-of-run detection (RAY_NOTES §2)
@@ -164,6 +178,26 @@ def train_dataset(data_dir: Path):
 
 # ------------------------------------------------------------------ driver
 
+def build_trainer(data_dir: Path, cfg: Config, loop_cfg: dict, *, workers: int, use_gpu: bool, name: str,
+                  storage_path: Path, callbacks: list, failure_retries: int = 0):
+    """The TorchTrainer for one training run (used by `train` and by each Tune trial)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    if workers == 0:
+        loop_cfg = {**loop_cfg, "stage_dir": str(storage_path / name / "local_checkpoints")}
+    resources = None if workers == 0 else (
+        {"CPU": cfg.ray.cpus_per_worker, "GPU": 1} if use_gpu else {"CPU": cfg.ray.cpus_per_worker})
+    return TorchTrainer(
+        ray_worker_entry, train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets={"train": train_dataset(data_dir)},
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage_path), callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=failure_retries)))
+
+
 def check_against_dataset(cfg: Config, ds) -> None:
     if cfg.graph.knn_k > ds.num_items:
         raise GtcInputError("config key graph.knn_k", f"k={cfg.graph.knn_k} exceeds the {ds.num_items} items",
@@ -177,8 +211,12 @@ def check_against_dataset(cfg: Config, ds) -> None:
 
 def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = None, use_gpu: bool | None = None,
                  name: str | None = None, storage: str | None = None, resume: bool = False,
-                 runner: str = "ray", log=print, failure_retries: int = 0) -> dict:
-    """Train GTC; returns {'valid', 'test', 'checkpoint', 'history', 'seconds'}."""
+                 runner: str = "ray", log=print, failure_retries: int = 0, track: bool = False,
+                 tracking_uri: str | None = None) -> dict:
+    """Train GTC; returns {'valid', 'test', 'checkpoint', 'history', 'seconds', 'run_id'}.
+
+    With `track`, one MLflow run records params, tags, per-epoch metrics (live, from the Train
+    controller), final metrics and artifacts."""
     t_start = time.perf_counter()
     data_dir = Path(data_dir).absolute()
     workers = cfg.ray.workers if workers is None else workers
@@ -200,6 +238,10 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     if resume and not run_dir.exists():
         raise GtcInputError(f"run {name}", f"does not exist in {storage_path}", "check --name and --storage")
     loop_cfg = {"cfg": cfg.to_dict(), "data_dir": str(data_dir)}
+    tracker = None
+    if track:
+        from gtc_ray.tracking import TrainTracker
+        tracker = TrainTracker.start(tracking_uri, name, cfg, ds, log)
     log(f"run {name}: {ds.num_users:,} users, {ds.num_items:,} items, modalities "
         f"{list(ds.features) if cfg.model.use_content else '(ID only)'}; storage {storage_path}")
     if runner == "inprocess":
@@ -207,40 +249,33 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
         train_loop(loop_cfg, rt)
         ckpt = rt.checkpoints[-1] if rt.checkpoints else rt.latest_checkpoint()
     else:
-        import ray.train
-        from ray.train.torch import TorchConfig, TorchTrainer
-        local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-        if local and workers * cfg.ray.cpus_per_worker > cfg.ray.num_cpus - 1:
-            # Ray Data's read tasks need a whole free CPU, or ingestion waits forever (RAY_NOTES P3)
-            raise GtcInputError("config keys ray.workers/ray.cpus_per_worker",
-                                f"{workers} workers x {cfg.ray.cpus_per_worker} CPU leave less than one of the "
-                                f"local Ray's {cfg.ray.num_cpus} CPUs for Ray Data, which would hang",
-                                f"use ray.cpus_per_worker <= {(cfg.ray.num_cpus - 1) / max(workers, 1):g} "
-                                "(CPUs are logical; torch threads are set by train.num_threads) or raise ray.num_cpus")
-        ensure_ray(cfg, log)
-        if workers == 0:
-            loop_cfg["stage_dir"] = str(run_dir / "local_checkpoints")
-        scaling = ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu,
-            resources_per_worker=None if workers == 0 else ({"CPU": cfg.ray.cpus_per_worker, "GPU": 1} if use_gpu
-                                                            else {"CPU": cfg.ray.cpus_per_worker}))
-        trainer = TorchTrainer(
-            ray_worker_entry, train_loop_config=loop_cfg, scaling_config=scaling,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            datasets={"train": train_dataset(data_dir)},
-            run_config=ray.train.RunConfig(
-                name=name, storage_path=str(storage_path), callbacks=[make_progress_callback(cfg.eval.valid_metric)],
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=failure_retries)))
-        result = trainer.fit()
+        ensure_ray(cfg, log, workers)
+        callbacks = [make_progress_callback(cfg.eval.valid_metric)]
+        if tracker is not None:
+            callbacks.append(tracker.train_callback())
+        trainer = build_trainer(data_dir, cfg, loop_cfg, workers=workers, use_gpu=use_gpu, name=name,
+                                storage_path=storage_path, callbacks=callbacks, failure_retries=failure_retries)
+        try:
+            result = trainer.fit()
+        except BaseException:
+            if tracker is not None:
+                tracker.fail()
+            raise
         if result.error:
+            if tracker is not None:
+                tracker.fail()
             raise result.error
         ckpt = Path(result.checkpoint.path)
     meta = read_meta(ckpt)
     if not meta.get("final"):
         raise RuntimeError(f"training ended without a final evaluation (last checkpoint {ckpt})")
-    return {"valid": meta["valid"], "test": meta["test"], "checkpoint": str(ckpt), "history": meta["history"],
-            "best_epoch": meta["best_epoch"], "seconds": time.perf_counter() - t_start, "name": name}
+    out = {"valid": meta["valid"], "test": meta["test"], "checkpoint": str(ckpt), "history": meta["history"],
+           "best_epoch": meta["best_epoch"], "seconds": time.perf_counter() - t_start, "name": name}
+    if tracker is not None:
+        tracker.finish(out, cfg, live=runner != "inprocess" and workers > 0)  # local mode runs no callbacks
+        out["run_id"] = tracker.run_id
+        log(f"MLflow run {tracker.run_id} in {tracker.uri}")
+    return out
 
 
 def format_table(summary: dict, topk=(5, 10, 20, 50)) -> str:
@@ -262,7 +297,8 @@ def cli_train(a, log=print) -> int:
     if a.address:
         cfg.ray.address = a.address
     summary = run_training(a.data_dir, cfg, workers=a.workers, use_gpu=a.gpu or None, name=a.name,
-                           storage=a.storage, resume=a.resume, log=log)
+                           storage=a.storage, resume=a.resume, log=log, track=not a.no_mlflow,
+                           tracking_uri=a.tracking_uri)
     log("")
     log(format_table(summary, cfg.eval.topk))
     log(f"best epoch {summary['best_epoch']}; checkpoint {summary['checkpoint']}; {summary['seconds']:.0f}s")
@@ -291,8 +327,11 @@ def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None) ->
     g = prepare(ds, cfg.graph, log=lambda m: None)
     u, i = ds.split_pairs("train")
     model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
-    model.load_state_dict(load_file(ckpt, "model.pt", meta))
-    last_epoch = meta["best_epoch"] if meta.get("final") else meta["epoch"]
+    # a final checkpoint holds the best-validation weights as model.pt; an intermediate one (e.g. a
+    # trial stopped by ASHA) keeps them as best_model.pt
+    weights = "model.pt" if meta.get("final") or "best_model.pt" not in meta["hashes"] else "best_model.pt"
+    model.load_state_dict(load_file(ckpt, weights, meta))
+    last_epoch = meta["best_epoch"] if weights == "best_model.pt" or meta.get("final") else meta["epoch"]
     ug = sample_user_graph(g.user_user, cfg.model.user_graph_k,
                            np.random.default_rng(derive_seed(cfg.train.seed, last_epoch, "ug")))
     model.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), g.item_item, ug)
