@@ -108,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--storage", help="directory for search state and checkpoints (ray.storage_path)")
     tu.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
 
+    rg = sub.add_parser("register", help="export a trained model as an MLflow pyfunc and register it")
+    rg.add_argument("--search", help="register the best trial of this search (its search.json)")
+    rg.add_argument("--checkpoint", help="register this checkpoint directory")
+    rg.add_argument("--name", default="gtc", help="registered model name (default gtc)")
+    rg.add_argument("--alias", help="point this alias (e.g. champion) at the new version")
+    rg.add_argument("--storage", help="where searches live (ray.storage_path, default gtc_runs)")
+    rg.add_argument("--data", help="dataset directory (default: the one recorded in the checkpoint)")
+    rg.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    rg.add_argument("--force-new-version", action="store_true",
+                    help="register even if this checkpoint is already a version of the model")
+
+    rc = sub.add_parser("recommend", help="top-K items for users from a registered model (no Ray needed)")
+    rc.add_argument("--model", required=True, help="model URI, e.g. models:/gtc@champion or models:/gtc/3")
+    rc.add_argument("--user", action="append", required=True, help="raw user id (repeatable)")
+    rc.add_argument("--k", type=int, default=10, help="number of items (default 10)")
+    rc.add_argument("--include-seen", action="store_true", help="do not exclude items the user interacted with")
+    rc.add_argument("--json", action="store_true", help="print JSON records")
+    rc.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the validation and test splits")
     ev.add_argument("checkpoint", help="checkpoint directory (holds model.pt and meta.json)")
     ev.add_argument("--data", help="dataset directory (default: the one recorded in the checkpoint)")
@@ -189,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.verb == "tune":
             from gtc_ray.tune.driver import cli_tune
             return cli_tune(a, log=_log)
+        if a.verb == "register":
+            from gtc_ray.registry.register import cli_register
+            return cli_register(a, log=_log)
+        if a.verb == "recommend":
+            from gtc_ray.registry.register import cli_recommend
+            return cli_recommend(a, log=_log)
         if a.verb == "evaluate":
             from gtc_ray.train.run import cli_evaluate
             return cli_evaluate(a, log=_log)

@@ -308,35 +308,45 @@ def cli_train(a, log=print) -> int:
     return 0
 
 
-def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None) -> dict:
-    """Re-evaluate a checkpoint in-process (valid and test)."""
+def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
+    """Rebuild the trained model from a checkpoint: (model, dataset, config, meta).
+
+    A final checkpoint holds the best-validation weights as model.pt; an intermediate one (e.g. a
+    trial stopped by ASHA) keeps them as best_model.pt. The user graph is the one sampled for the
+    epoch those weights come from, so the embeddings equal the ones validation saw."""
     from gtc_ray.config import config_from_dict
-    from gtc_ray.data.prepare import train_matrix
     from gtc_ray.model.gtc import GTC
     from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
     from gtc_ray.train.checkpoint import load_file
     from gtc_ray.train.loop import derive_seed
-    from gtc_ray.train.metrics import evaluate_sums, sums_to_metrics
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     cfg = config_from_dict(meta["config"])
     ds = load_dataset(data_dir or meta["data_dir"])
     if ds.content_hash != meta["dataset"]:
         raise GtcInputError(f"checkpoint {ckpt}", f"was trained on dataset {meta['dataset']}, not {ds.content_hash} "
-                            f"({ds.path})", "pass --data with the dataset the checkpoint was trained on")
+                            f"({ds.path})", "pass the dataset the checkpoint was trained on")
     g = prepare(ds, cfg.graph, log=lambda m: None)
     u, i = ds.split_pairs("train")
     model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
-    # a final checkpoint holds the best-validation weights as model.pt; an intermediate one (e.g. a
-    # trial stopped by ASHA) keeps them as best_model.pt
     weights = "model.pt" if meta.get("final") or "best_model.pt" not in meta["hashes"] else "best_model.pt"
     model.load_state_dict(load_file(ckpt, weights, meta))
-    last_epoch = meta["best_epoch"] if weights == "best_model.pt" or meta.get("final") else meta["epoch"]
+    epoch = meta["best_epoch"] if weights == "best_model.pt" or meta.get("final") else meta["epoch"]
     ug = sample_user_graph(g.user_user, cfg.model.user_graph_k,
-                           np.random.default_rng(derive_seed(cfg.train.seed, last_epoch, "ug")))
+                           np.random.default_rng(derive_seed(cfg.train.seed, epoch, "ug")))
     model.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), g.item_item, ug)
     model.eval()
+    return model, ds, cfg, meta
+
+
+def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None) -> dict:
+    """Re-evaluate a checkpoint in-process (valid and test)."""
+    from gtc_ray.data.prepare import train_matrix
+    from gtc_ray.train.loop import derive_seed
+    from gtc_ray.train.metrics import evaluate_sums, sums_to_metrics
+    model, ds, cfg, meta = load_checkpoint_model(ckpt, data_dir)
     zu, yi = model.eval_embeddings(derive_seed(cfg.train.seed, "eval"))
+    u, i = ds.split_pairs("train")
     seen = train_matrix(u, i, ds.num_users, ds.num_items)
     out = {}
     for split in ("valid", "test"):
