@@ -139,7 +139,7 @@ class TrainTracker:
             """Logs rank 0's metrics of every report to the run (runs on the Train controller)."""
 
             def after_report(self, run_context, metrics, checkpoint):
-                if metrics:
+                if metrics and not metrics[0].get("final"):  # the final record is logged by finish()
                     tracker.log(metrics[0])
 
         return MlflowEpochLogger()

@@ -97,7 +97,7 @@ def make_mlflow_callback(uri: str, experiment_id: str, parent_id: str, base_tags
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rid = self._run_for(trial)
             rec = {k: v for k, v in result.items() if k.startswith(("train_", "valid_")) or k in ("epoch", "best_valid")}
-            if "epoch" in rec:
+            if "epoch" in rec and not result.get("final"):
                 self.history.setdefault(trial.trial_id, []).append(rec)
                 from gtc_ray.tracking import TrainTracker
                 t = TrainTracker(uri, rid)

@@ -1,0 +1,76 @@
+"""End to end: a real Ray head node on loopback, `jobs/train.py` submitted with JobSubmissionClient.
+
+Runs in its own pytest invocation (`-m e2e`, see the Makefile): `ray stop` ends every Ray process
+of the machine, so it must not share a session with the suite's local cluster.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dash = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--disable-usage-stats", f"--temp-dir={temp}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.timeout(600)
+def test_submit_train_job_and_find_mlflow_run(head_node, tiny, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    address, env = head_node
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data, ignore=shutil.ignore_patterns("prepared"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the cluster runs the entrypoint through a shell: name the interpreter that has gtc-ray's requirements
+    entry = (f"{sys.executable} jobs/train.py {data} --workers 1 --epochs 2 --set graph.knn_k=5 --set model.noise_steps=50 "
+             f"--set model.embedding_size=16 --set train.batch_size=256 --set 'eval.topk=[5, 10, 20]' "
+             f"--storage {tmp_path / 'runs'} --name jobrun --tracking-uri {uri}")
+    client = JobSubmissionClient(address)
+    job = client.submit_job(entrypoint=entry, runtime_env={
+        "working_dir": str(ROOT),
+        "excludes": [".venv", ".git", "runs", "gtc_runs", "mlruns", "mlartifacts", "mlflow.db", "*.egg-info"]})
+    deadline = time.time() + 480
+    status = None
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "recall@20" in logs
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("gtc-ray").experiment_id], filter_string="attributes.run_name = 'jobrun'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(c.get_metric_history(runs[0].info.run_id, "valid_recall_at_20")) == 2
