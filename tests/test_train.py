@@ -151,3 +151,46 @@ def test_ml100k_beats_most_popular(ml100k, tmp_path):
                             train_matrix(vu, vi, ds.num_users, ds.num_items), seen, [20])
     most_pop = sums_to_metrics(sums, n, [20])["recall@20"]
     assert s["valid"]["recall@20"] > 1.1 * most_pop, (s["valid"]["recall@20"], most_pop)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_worker_sigkill_resumes_from_checkpoint(ray_cluster, tmp_path):
+    """A real SIGKILL of the training worker's process: Ray Train restarts it (FailureConfig) and the
+    loop resumes from the latest checkpoint; the result equals an uninterrupted run."""
+    import os
+    import signal
+    import threading
+    import time
+    from ray.util.state import list_actors
+    from gtc_ray.data.synth import synth
+    data = tmp_path / "small"
+    synth(data, "small", seed=0)
+    cfg = tiny_config(train={"epochs": 8, "patience": 100}, eval={"topk": [5, 10, 20]})
+    ref = run_training(data, cfg, runner="inprocess", storage=tmp_path, name="ref", **QUIET)
+    out, errors = {}, []
+
+    def target():
+        try:
+            out["s"] = run_training(data, cfg, workers=1, storage=tmp_path, name="killed", failure_retries=2, **QUIET)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    th = threading.Thread(target=target)
+    th.start()
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and th.is_alive() and killed is None:
+        if len(list((tmp_path / "killed").glob("checkpoint_*"))) >= 2:  # mid-run, after epoch >= 1
+            workers = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    th.join(timeout=400)
+    assert not errors, errors
+    assert killed is not None, "training finished before the worker could be killed"
+    s = out["s"]
+    assert [h["epoch"] for h in s["history"]] == list(range(8))  # no epoch counted twice
+    assert s["valid"] == pytest.approx(ref["valid"], abs=1e-6) and s["test"] == pytest.approx(ref["test"], abs=1e-6)

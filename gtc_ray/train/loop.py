@@ -161,6 +161,8 @@ def train_loop(config: dict, rt: Runtime) -> None:
     # 3. this worker's shard
     sh_u, sh_i = rt.shard()
     sh_u, sh_i = sh_u.astype(np.int64), sh_i.astype(np.int64)
+    o = np.lexsort((sh_i, sh_u))  # canonical order: Ray Data's block order varies between runs
+    sh_u, sh_i = sh_u[o], sh_i[o]
     n_global = int(rt.all_reduce(torch.tensor([len(sh_u)], dtype=torch.float64, device=rt.device)).item())
     n_max = int(rt.all_reduce(torch.tensor([len(sh_u)], dtype=torch.float64, device=rt.device), "max").item())
     b_local = cfg.train.batch_size // rt.world_size if cfg.train.batch_scaling == "split" else cfg.train.batch_size
