@@ -225,8 +225,8 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
         raise GtcInputError("--workers", f"must be >= 0, got {workers}", "use 0 (local mode), 1, 2, ...")
     ds = load_dataset(data_dir)  # validation and hash checks before anything expensive
     check_against_dataset(cfg, ds)
-    g = prepare(ds, cfg.graph, log=log)  # cached: workers only load it
-    del g
+    if runner != "inprocess":
+        check_local_resources(cfg, workers)
     storage_path = Path(storage or cfg.ray.storage_path).absolute()
     if resume and not name:
         raise GtcInputError("--resume", "needs the --name of the run to continue", "pass --name NAME --resume")
@@ -238,6 +238,7 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     if resume and not run_dir.exists():
         raise GtcInputError(f"run {name}", f"does not exist in {storage_path}", "check --name and --storage")
     loop_cfg = {"cfg": cfg.to_dict(), "data_dir": str(data_dir)}
+    prepare(ds, cfg.graph, log=log)  # cached: workers only load it
     tracker = None
     if track:
         from gtc_ray.tracking import TrainTracker

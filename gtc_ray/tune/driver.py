@@ -129,14 +129,13 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
                tracking_uri: str | None = None, log=print) -> dict:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
-    from gtc_ray.train.run import check_against_dataset, ensure_ray, evaluate_checkpoint
+    from gtc_ray.train.run import check_against_dataset, check_local_resources, ensure_ray, evaluate_checkpoint
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir).absolute()
     space = load_space(space_path, base)  # 1. validation before anything expensive
     ds = load_dataset(data_dir)
     check_against_dataset(space.config_for(base, {}), ds)
-    prepare(ds, space.config_for(base, {}).graph, log=log)
     samples = samples or space.samples
     max_concurrent = max_concurrent or space.max_concurrent
     workers = base.ray.workers if workers is None else workers
@@ -150,6 +149,8 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
     if resume and not (search_dir / "tuner.pkl").exists():
         raise GtcInputError(f"search {name}", f"has no saved state in {search_dir}", "check --name and --storage")
     # one trial at a time is the safe default on small machines (RAY_NOTES P3)
+    check_local_resources(base, workers * max_concurrent, TRIAL_CPU * max_concurrent)
+    prepare(ds, space.config_for(base, {}).graph, log=log)  # once; trials share it read-only
     ensure_ray(base, log, workers * max_concurrent, TRIAL_CPU * max_concurrent)
 
     # 2. MLflow parent run (reused on --resume)
