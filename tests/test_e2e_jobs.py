@@ -4,6 +4,7 @@ Runs in its own pytest invocation (`-m e2e`, see the Makefile): `ray stop` ends 
 of the machine, so it must not share a session with the suite's local cluster.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -74,3 +75,70 @@ def test_submit_train_job_and_find_mlflow_run(head_node, tiny, tmp_path, monkeyp
     runs = c.search_runs([c.get_experiment_by_name("gtc-ray").experiment_id], filter_string="attributes.run_name = 'jobrun'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert len(c.get_metric_history(runs[0].info.run_id, "valid_recall_at_20")) == 2
+
+
+RESUME_SPACE = """
+samples: 4
+fixed:
+  train.epochs: 3
+  graph.knn_k: 5
+  model.noise_steps: 50
+  model.embedding_size: 16
+  train.batch_size: 256
+  eval.topk: [5, 10, 20]
+params:
+  train.lr: {loguniform: [1.0e-3, 3.0e-2]}
+"""
+
+
+@pytest.mark.timeout(900)
+def test_tune_driver_sigkill_then_resume(tiny, tmp_path):
+    """SIGKILL the `gtc-ray tune` process group mid-search; `--resume` finishes it without rerunning
+    finished trials, and MLflow ends with one child run per trial, none left RUNNING."""
+    import signal
+    from mlflow.tracking import MlflowClient
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data, ignore=shutil.ignore_patterns("prepared"))
+    (tmp_path / "space.yaml").write_text(RESUME_SPACE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli = [str(Path(sys.executable).with_name("gtc-ray")), "tune", str(data), "--space", str(tmp_path / "space.yaml"),
+           "--workers", "1", "--name", "s", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    log = open(tmp_path / "first.log", "w")
+    p = subprocess.Popen(cli, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    finished_before = []
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and p.poll() is None:
+            time.sleep(1)
+            try:
+                c = MlflowClient(uri)
+                exp = c.get_experiment_by_name("gtc-ray")
+                if exp is None:
+                    continue
+                kids = c.search_runs([exp.experiment_id], filter_string="tags.`gtc.kind` = 'trial'")
+                finished_before = [r.data.tags["gtc.trial_id"] for r in kids if r.info.status == "FINISHED"]
+                running = [r for r in kids if r.info.status == "RUNNING"]
+                if finished_before and running:  # one trial done, the next one mid-run
+                    break
+            except Exception:  # the store may be mid-migration on first use
+                continue
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray it started: a lost driver machine
+        p.wait()
+    assert finished_before, (tmp_path / "first.log").read_text()[-3000:]
+    r = subprocess.run(cli + ["--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    summary = json.loads((tmp_path / "runs" / "s" / "search.json").read_text())
+    assert len(summary["trials"]) == 4
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("gtc-ray").experiment_id
+    kids = c.search_runs([exp], filter_string="tags.`gtc.kind` = 'trial'")
+    ids = [k.data.tags["gtc.trial_id"] for k in kids]
+    assert len(ids) == len(set(ids)) == 4  # no duplicated trial runs
+    assert {k.info.status for k in kids} == {"FINISHED"}  # none orphaned
+    assert c.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+    for k in kids:
+        steps = [m.step for m in c.get_metric_history(k.info.run_id, "valid_recall_at_20")]
+        if k.data.tags["gtc.trial_id"] in finished_before:
+            assert sorted(steps) == [0, 1, 2]  # finished before the kill: not rerun
