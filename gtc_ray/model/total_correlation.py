@@ -27,9 +27,54 @@ def _perm(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.randperm(n, generator=generator, device=device)
 
 
-def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+class _DiagReplacedCE(torch.autograd.Function):
+    """mean_r [logsumexp_c L[r, c] - pos_r] with L = Q Kᵀ and L[r, r] := pos_r, in row chunks.
+
+    Memory is O(chunk x I) instead of several [I, I] temporaries (spec P2, P10); the backward
+    recomputes each chunk's logits (one extra matrix product) rather than keeping them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, pos, chunk: int):
+        n = q.shape[0]
+        lse = torch.empty(n, dtype=q.dtype, device=q.device)
+        idx = torch.arange(n, device=q.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            logits = q[s:e] @ k.T
+            logits[idx[: e - s], idx[s:e]] = pos[s:e]
+            lse[s:e] = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(q, k, pos, lse)
+        ctx.chunk = chunk
+        return (lse - pos).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, pos, lse = ctx.saved_tensors
+        n, chunk = q.shape[0], ctx.chunk
+        dq, dk, dpos = torch.zeros_like(q), torch.zeros_like(k), torch.empty_like(pos)
+        idx = torch.arange(n, device=q.device)
+        w = g / n
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            logits = q[s:e] @ k.T
+            rows, cols = idx[: e - s], idx[s:e]
+            logits[rows, cols] = pos[s:e]
+            p = torch.exp_(logits.sub_(lse[s:e, None])).mul_(w)  # softmax * g / n, in place
+            dpos[s:e] = p[rows, cols] - w
+            p[rows, cols] = 0.0  # the diagonal is pos, not q k
+            dq[s:e] = p @ k
+            dk.addmm_(p.T, q[s:e])
+        return dq, dk, dpos, None
+
+
+def diag_replaced_ce(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    return _DiagReplacedCE.apply(q, k, pos, chunk)
+
+
+def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Generator | None = None,
+              chunk: int = 1024) -> torch.Tensor:
     n = zs[0].shape[0]
-    labels = torch.arange(n, device=zs[0].device)
     prod_all = torch.stack(zs, 0).prod(0)  # [I, d]: positives' elementwise product
     pos = prod_all.sum(-1)  # [I]
     losses = []
@@ -40,9 +85,7 @@ def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Gene
                 continue
             zb = zs[b][_perm(n, generator, zs[b].device)]
             neg = zb if neg is None else neg * zb
-        logits = (scale * zs[a]) @ neg.T  # [I, I]
-        logits.diagonal().copy_(scale * pos)
-        losses.append(F.cross_entropy(logits, labels))
+        losses.append(diag_replaced_ce(scale * zs[a], neg, scale * pos, chunk))
     return torch.stack(losses).mean()
 
 
