@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,34 @@ def test_recommend_cli_errors(search, capsys):
     assert main(["recommend", "--model", "models:/nope@champion", "--user", "u1", "--tracking-uri", uri]) == 2
     assert main(["register", "--name", "gtc", "--tracking-uri", uri]) == 2
     assert "exactly one of --search" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_parallel_trials_share_the_dataset_read_only(ray_cluster, tiny, tmp_path):
+    """Two trials at once on one dataset directory: neither writes outside its own trial directory."""
+    import shutil
+    from conftest import tiny_config
+    from gtc_ray.data.dataset import load_dataset
+    from gtc_ray.data.prepare import prepare
+    from gtc_ray.tune.driver import run_search
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data, ignore=shutil.ignore_patterns("prepared"))
+    base = tiny_config(ray={"cpus_per_worker": 0.4})
+    prepare(load_dataset(data), base.graph, log=lambda m: None)  # what the driver does before any trial
+    snap = lambda: {str(p.relative_to(data)): (p.stat().st_mtime_ns, p.stat().st_size) for p in data.rglob("*")}
+    before = snap()
+    (tmp_path / "space.yaml").write_text("samples: 2\nfixed: {train.epochs: 3}\nparams: {train.lr: {grid: [0.01, 0.02]}}\n")
+    s = run_search(data, tmp_path / "space.yaml", base=base, samples=1, max_concurrent=2, name="par",
+                   storage=tmp_path / "runs", workers=1, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **QUIET)
+    assert snap() == before  # the shared dataset and its prepared graphs are untouched
+    trial_dirs = {Path(t["checkpoint"]).parent for t in s["trials"]}
+    assert len(trial_dirs) == 2  # each trial wrote only under its own directory
+    # the two trials did run at the same time
+    spans = []
+    for t in s["trials"]:
+        import pandas as pd
+        df = pd.read_json(Path(t["path"]) / "result.json", lines=True)
+        spans.append((df["timestamp"].min(), df["timestamp"].max()))
+    (a0, a1), (b0, b1) = spans
+    assert a0 <= b1 and b0 <= a1
