@@ -13,6 +13,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# The content encoders (gtc-ray features) are an optional extra; the tests exercise them.
+$(VENV)/.installed-features: $(VENV)/.installed requirements-features.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-features.txt
+	touch $@
+
 install: $(VENV)/.installed
 
 # Main job: synthetic dataset -> local Ray -> 2 DDP workers -> MLflow run + metrics.
@@ -22,7 +27,7 @@ run: install
 	    --tracking-uri sqlite:///$(abspath $(DEMO))/mlflow.db --metrics-out $(DEMO)/metrics.json
 
 # Two invocations: the e2e job test starts (and stops) its own Ray head node.
-test: install
+test: install $(VENV)/.installed-features
 	$(BIN)/python -m pytest -ra -m "not e2e"
 	$(BIN)/python -m pytest -ra -m e2e
 

@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("dir", help="dataset directory")
     _add_config_args(pr)
 
+    fe = sub.add_parser("features", help="encode raw item content into a modality table (Ray Data batch inference)")
+    fsub = fe.add_subparsers(dest="features_verb", required=True, metavar="KIND")
+    ft = fsub.add_parser("text", help="encode item texts with all-MiniLM-L6-v2 (384-d)")
+    ft.add_argument("items", help="Parquet/CSV/TSV table with an item-id column and a text column")
+    ft.add_argument("--column", default="text", help="text column (default text)")
+    ft.add_argument("--id-column", help="item-id column (detected when unambiguous)")
+    fi = fsub.add_parser("image", help="encode item images with EfficientNet-Lite0 (1,280-d pooled features)")
+    fi.add_argument("images_dir", help="folder of <item id>.jpg|png|... files")
+    for f, default_mod, bs in ((ft, "text", 64), (fi, "image", 32)):
+        f.add_argument("--out", required=True, help="dataset directory to add the modality to")
+        f.add_argument("--modality", default=default_mod, help=f"modality name (default {default_mod})")
+        f.add_argument("--id-kind", default="raw", choices=["raw", "index"],
+                       help="ids are raw ids from the id map (default) or the dataset's 0-based item indices")
+        f.add_argument("--batch-size", type=int, default=bs, help=f"items per encoder call (default {bs})")
+        f.add_argument("--concurrency", type=int, default=1, help="encoder actors (default 1)")
+
     tr = sub.add_parser("train", help="train GTC with Ray Train (local Ray unless an address is given)")
     tr.add_argument("data_dir", help="dataset directory")
     _add_config_args(tr)
@@ -202,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_data(a)
         if a.verb == "prepare":
             return _cmd_prepare(a)
+        if a.verb == "features":
+            from gtc_ray.features import build
+            if a.features_verb == "text":
+                build.build_text(a.items, a.out, column=a.column, id_column=a.id_column, id_kind=a.id_kind,
+                                 modality=a.modality, batch_size=a.batch_size, concurrency=a.concurrency, log=_log)
+            else:
+                build.build_image(a.images_dir, a.out, id_kind=a.id_kind, modality=a.modality,
+                                  batch_size=a.batch_size, concurrency=a.concurrency, log=_log)
+            return 0
         if a.verb == "train":
             from gtc_ray.train.run import cli_train
             return cli_train(a, log=_log)

@@ -139,6 +139,46 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def content_hash(hashes: dict) -> str:
+    """The dataset's identity: a hash over every table's sha256 (keys prepared graphs, checkpoints)."""
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def replace_modality(path: str | Path, modality: str, features: np.ndarray, provenance: dict) -> dict:
+    """Add or replace one modality's feature table, atomically: the new dataset version is built in
+    a sibling directory (unchanged files hard-linked) and swapped in with renames."""
+    path = Path(path).absolute()
+    manifest = read_manifest(path)
+    if features.ndim != 2 or features.shape[0] != manifest["num_items"] or not np.isfinite(features).all():
+        raise GtcInputError(f"features for {modality}", f"shape {features.shape} or values are invalid",
+                            f"produce one finite row per item ({manifest['num_items']})")
+    rel = f"features/{modality}.parquet"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for src in path.rglob("*"):
+            dst = tmp / src.relative_to(path)
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            elif src.name != "manifest.json" and src.relative_to(path).as_posix() != rel:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(src, dst)
+        (tmp / "features").mkdir(exist_ok=True)
+        pq.write_table(_features_table(features), tmp / rel)
+        manifest["modalities"][modality] = {"dim": int(features.shape[1]), "file": rel}
+        manifest["hashes"][rel] = sha256_file(tmp / rel)
+        manifest["content_hash"] = content_hash(manifest["hashes"])
+        manifest.setdefault("provenance", {}).setdefault("features", {})[modality] = provenance
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 def _features_table(f: np.ndarray) -> pa.Table:
     f = np.ascontiguousarray(f, dtype=np.float32)
     flat = pa.array(f.reshape(-1), type=pa.float32())
@@ -177,7 +217,7 @@ def write_dataset(ds: Dataset, out: str | Path, *, name: str, split_scheme: str,
             modalities[m] = {"dim": int(f.shape[1]), "file": f"features/{m}.parquet"}
         hashes = {p: sha256_file(tmp / p) for p in HASHED_FILES}
         hashes.update({v["file"]: sha256_file(tmp / v["file"]) for v in modalities.values()})
-        content = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+        content = content_hash(hashes)
         manifest = {
             "format": FORMAT, "version": VERSION, "name": name,
             "num_users": ds.num_users, "num_items": ds.num_items, "num_interactions": int(len(ds.users)),
