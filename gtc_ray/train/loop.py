@@ -49,30 +49,23 @@ def derive_seed(*parts) -> int:
 def sample_negatives(users: np.ndarray, seen: sp.csr_matrix, candidates: np.ndarray,
                      rng: np.random.Generator, max_rounds: int = 100) -> np.ndarray:
     """One negative per row, uniform over `candidates`, rejecting the user's training items.
-    Vectorised rejection: only the rows that hit a seen item are redrawn (fixes P5)."""
+    Vectorised rejection (fixes P5): membership is a binary search of user * I + item in the
+    sorted keys of the training matrix, and only the rows that hit a seen item are redrawn."""
+    seen = seen.tocsr()
+    seen.sort_indices()
+    n_items = seen.shape[1]
+    keys = np.repeat(np.arange(seen.shape[0], dtype=np.int64), np.diff(seen.indptr)) * n_items + seen.indices
     neg = candidates[rng.integers(0, len(candidates), len(users))]
     todo = np.arange(len(users))
     for _ in range(max_rounds):
-        u, n = users[todo], neg[todo]
-        starts, ends = seen.indptr[u], seen.indptr[u + 1]
-        # seen.indices are sorted per row: binary-search each (u, n) inside its row
-        pos = np.array([np.searchsorted(seen.indices[s:e], x) for s, e, x in zip(starts, ends, n)], np.int64) \
-            if len(todo) < 64 else _row_searchsorted(seen, u, n)
-        hit = (pos < ends - starts) & (seen.indices[np.minimum(starts + pos, len(seen.indices) - 1)] == n)
+        q = users[todo].astype(np.int64) * n_items + neg[todo]
+        pos = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
+        hit = (keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
         todo = todo[hit]
         if len(todo) == 0:
             return neg
         neg[todo] = candidates[rng.integers(0, len(candidates), len(todo))]
     raise RuntimeError("negative sampling did not converge: some user has interacted with almost every item")
-
-
-def _row_searchsorted(seen: sp.csr_matrix, u: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """searchsorted of n within each user's sorted index row, vectorised via a global key."""
-    I = seen.shape[1]
-    row_of = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
-    keys = row_of.astype(np.int64) * I + seen.indices
-    q = u.astype(np.int64) * I + n
-    return np.searchsorted(keys, q) - seen.indptr[u]
 
 
 class Runtime:

@@ -205,8 +205,6 @@ def check_against_dataset(cfg: Config, ds) -> None:
     if max(cfg.eval.topk) > ds.num_items:
         raise GtcInputError("config key eval.topk", f"K={max(cfg.eval.topk)} exceeds the {ds.num_items} items",
                             f"use K <= {ds.num_items}")
-    if cfg.model.gate == "as_written" and cfg.model.use_content and len(ds.features) not in (0, 2):
-        pass  # documented fallback: the gate as written needs exactly two modalities; per-modality is used
 
 
 def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = None, use_gpu: bool | None = None,
