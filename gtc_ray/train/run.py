@@ -207,6 +207,21 @@ def check_against_dataset(cfg: Config, ds) -> None:
                             f"use K <= {ds.num_items}")
 
 
+def resolve_run_dir(kind: str, storage_path: Path, name: str | None, prefix: str, resume: bool,
+                    state: str | None = None) -> tuple[str, Path]:
+    """Name and directory of a run or search: a fresh unique one, or (with resume) an existing one."""
+    if resume and not name:
+        raise GtcInputError("--resume", f"needs the --name of the {kind} to continue", "pass --name NAME --resume")
+    name = name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    d = storage_path / name
+    if d.exists() and not resume:
+        raise GtcInputError(f"{kind} {name}", f"already exists in {storage_path}",
+                            "pass --resume to continue it, or choose another --name")
+    if resume and not (d / state if state else d).exists():
+        raise GtcInputError(f"{kind} {name}", f"has nothing to resume in {storage_path}", "check --name and --storage")
+    return name, d
+
+
 def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = None, use_gpu: bool | None = None,
                  name: str | None = None, storage: str | None = None, resume: bool = False,
                  runner: str = "ray", log=print, failure_retries: int = 0, track: bool = False,
@@ -226,15 +241,7 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     if runner != "inprocess":
         check_local_resources(cfg, workers)
     storage_path = Path(storage or cfg.ray.storage_path).absolute()
-    if resume and not name:
-        raise GtcInputError("--resume", "needs the --name of the run to continue", "pass --name NAME --resume")
-    name = name or f"gtc-{ds.manifest['name']}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    run_dir = storage_path / name
-    if run_dir.exists() and not resume:
-        raise GtcInputError(f"run {name}", f"already exists in {storage_path}",
-                            "pass --resume to continue it, or choose another --name")
-    if resume and not run_dir.exists():
-        raise GtcInputError(f"run {name}", f"does not exist in {storage_path}", "check --name and --storage")
+    name, run_dir = resolve_run_dir("run", storage_path, name, f"gtc-{ds.manifest['name']}", resume)
     loop_cfg = {"cfg": cfg.to_dict(), "data_dir": str(data_dir)}
     prepare(ds, cfg.graph, log=log)  # cached: workers only load it
     tracker = None

@@ -25,7 +25,6 @@ from gtc_ray import tracking
 from gtc_ray.config import Config, config_from_dict
 from gtc_ray.data.dataset import load_dataset
 from gtc_ray.data.prepare import prepare
-from gtc_ray.errors import GtcInputError
 from gtc_ray.tune.space import SearchSpace, load_space
 
 METRIC = "valid_{}"  # formatted with cfg.eval.valid_metric
@@ -129,7 +128,8 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
                tracking_uri: str | None = None, log=print) -> dict:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
-    from gtc_ray.train.run import check_against_dataset, check_local_resources, ensure_ray, evaluate_checkpoint
+    from gtc_ray.train.run import (check_against_dataset, check_local_resources, ensure_ray, evaluate_checkpoint,
+                                   resolve_run_dir)
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir).absolute()
@@ -140,14 +140,8 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
     max_concurrent = max_concurrent or space.max_concurrent
     workers = base.ray.workers if workers is None else workers
     storage_path = Path(storage or base.ray.storage_path).absolute()
-    if resume and not name:
-        raise GtcInputError("--resume", "needs the --name of the search to continue", "pass --name NAME --resume")
-    name = name or f"search-{Path(space_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    search_dir = storage_path / name
-    if search_dir.exists() and not resume:
-        raise GtcInputError(f"search {name}", f"already exists in {storage_path}", "pass --resume, or choose another --name")
-    if resume and not (search_dir / "tuner.pkl").exists():
-        raise GtcInputError(f"search {name}", f"has no saved state in {search_dir}", "check --name and --storage")
+    name, search_dir = resolve_run_dir("search", storage_path, name, f"search-{Path(space_path).stem}", resume,
+                                       state="tuner.pkl")
     # one trial at a time is the safe default on small machines (RAY_NOTES P3)
     check_local_resources(base, workers * max_concurrent, TRIAL_CPU * max_concurrent)
     prepare(ds, space.config_for(base, {}).graph, log=log)  # once; trials share it read-only
