@@ -78,7 +78,7 @@ def knn_graph(features: np.ndarray, k: int, chunk_rows: int = 2048) -> sp.csr_ma
     rows = np.repeat(np.arange(n), k)
     adj = sp.csr_matrix((np.ones(n * k, np.float32), (rows, cols.reshape(-1))), shape=(n, n))
     d = np.asarray(adj.sum(1)).reshape(-1)
-    dinv = np.where(d > 0, d ** -0.5, 0.0).astype(np.float32)
+    dinv = (1.0 / np.sqrt(np.maximum(d, 1e-30)) * (d > 0)).astype(np.float32)  # 0 for empty rows
     return sp.csr_matrix(sp.diags(dinv) @ adj @ sp.diags(dinv), dtype=np.float32)
 
 

@@ -33,7 +33,7 @@ def bipartite_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, nu
     c = np.concatenate([items + num_users, users])
     a = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(n, n))  # duplicates would add up
     deg = np.asarray(a.sum(1)).reshape(-1)
-    dinv = np.where(deg > 0, deg ** -0.5, 0.0).astype(np.float32)
+    dinv = (1.0 / np.sqrt(np.maximum(deg, 1e-30)) * (deg > 0)).astype(np.float32)  # 0 for isolated nodes
     return sp.csr_matrix(sp.diags(dinv) @ a @ sp.diags(dinv), dtype=np.float32)
 
 
