@@ -1,8 +1,6 @@
 """Bad input across the CLI: exit status 2, one paragraph naming the input and the fix, no
 traceback (unless --debug), and nothing written (all are rejected before Ray or MLflow start)."""
 
-import json
-import os
 import shutil
 
 import pytest

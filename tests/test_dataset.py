@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pytest
 from gtc_ray.cli import main
 from gtc_ray.data.dataset import describe, load_dataset
 from gtc_ray.data.importers import import_mmrec, import_tables, kcore, split_random_per_user
-from gtc_ray.data.synth import PRESETS, SynthSpec, generate, synth
+from gtc_ray.data.synth import PRESETS, SynthSpec, generate
 from gtc_ray.errors import GtcInputError
 
 QUIET = dict(log=lambda m: None)

@@ -156,7 +156,6 @@ def test_propagation_matches_dense():
 
 
 def test_spmm_gradient_matches_dense_for_unsymmetric_matrix():
-    rng = np.random.default_rng(3)
     m = sp.random(6, 5, density=0.4, random_state=3, format="csr", dtype=np.float32)
     x = torch.randn(5, 3, requires_grad=True)
     g = torch.randn(6, 3)

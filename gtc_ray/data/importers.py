@@ -103,7 +103,7 @@ def read_table(path: str | Path, what: str) -> pa.Table:
 def _column(t: pa.Table, name: str, where: str, integer: bool = False) -> np.ndarray:
     if name not in t.column_names:
         raise GtcInputError(where, f"missing column {name!r} (columns: {t.column_names})",
-                            f"add the column or name the right one with the matching --*-column option")
+                            "add the column or name the right one with the matching --*-column option")
     col = t.column(name)
     if integer and not pa.types.is_integer(col.type):
         raise GtcInputError(where, f"column {name!r} has type {col.type}, not integer",
