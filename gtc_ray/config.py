@@ -70,6 +70,7 @@ class TrainConfig:
     epochs: int = 1000
     batch_size: int = 2048  # global batch; split across workers (see batch_scaling)
     batch_scaling: str = "split"  # "split": B/W per worker (steps/epoch as single-process); "per_worker": B each
+    shard_item_work: bool = True  # split projections, denoisers, L_gen, L_TC by item rows across workers
     patience: int = 20  # stop after patience+1 evaluations without strict improvement
     seed: int = 999
     eval_every: int = 1

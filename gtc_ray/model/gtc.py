@@ -30,6 +30,7 @@ from torch import nn
 from gtc_ray.config import CompatConfig, ModelConfig
 from gtc_ray.model.diffusion import ConditionalDenoiser, NoiseSchedule
 from gtc_ray.model.propagation import SparseOperator, propagate, spmm
+from gtc_ray.model.sharding import ItemShard, gather_rows
 from gtc_ray.model.total_correlation import total_correlation_loss
 
 LN2 = math.log(2.0)
@@ -83,6 +84,7 @@ class GTC(nn.Module):
             nn.init.xavier_normal_(p)
             self.preferences.append(nn.Parameter(p))
         self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.item_shard: ItemShard | None = None  # set by the trainer for sharded DDP (sharding.py)
         self.features: dict[str, torch.Tensor] = {}
         self.adj = self.item_graph = self.user_graph = None
 
@@ -104,34 +106,46 @@ class GTC(nn.Module):
         self._eval_cache = None
 
     # ------------------------------------------------------------------ forward
-    def _filtered_content(self, generator, train: bool):
-        """Steps 1-4: projections, forward noising, denoising, one-step x0 estimate."""
+    def _filtered_content(self, generator, train: bool, shard: ItemShard | None):
+        """Steps 1-4: projections, forward noising, denoising, one-step x0 estimate.
+
+        With a shard, only this worker's item rows are computed (the random draws are made for all
+        items, so every worker sees the same stream) and the result is gathered; L_gen is this
+        worker's share of the full mean."""
         e = self.item_embedding
         xs, l_gen = [], e.new_zeros(())
         if not self.modalities:
             return xs, l_gen
-        n = self.num_items
+        n, d = self.num_items, self.cfg.embedding_size
+        lo, hi = (0, n) if shard is None else shard.bounds(n)
         if self.use_diffusion:
             if train:
-                t = self.schedule.sample_timesteps(n, generator, e.device)
+                t = self.schedule.sample_timesteps(n, generator, e.device)[lo:hi]
             else:
-                t = torch.full((n,), self.schedule.eval_timestep, device=e.device, dtype=torch.long)
+                t = torch.full((hi - lo,), self.schedule.eval_timestep, device=e.device, dtype=torch.long)
         for m in self.modalities:
-            f = self.projections[m](self.features[m])
+            f = self.projections[m](self.features[m][lo:hi])
             if not self.use_diffusion:
                 xs.append(f)
                 continue
-            eps = torch.randn(f.shape, generator=generator, device=f.device)
+            eps = torch.randn((n, d), generator=generator, device=f.device)[lo:hi]
             ft = self.schedule.add_noise(f, t, eps)
-            eps_hat = self.denoisers[m](ft, t, e)
-            l_gen = l_gen + F.mse_loss(eps_hat, eps)
+            eps_hat = self.denoisers[m](ft, t, e[lo:hi])
+            l_gen = l_gen + F.mse_loss(eps_hat, eps, reduction="sum") / (n * d)
             xs.append(self.schedule.predict_x0(ft, t, eps_hat))
+        if shard is not None and shard.world > 1:
+            xs = list(gather_rows(torch.cat(xs, dim=-1), n, shard).split(d, dim=-1))
         return xs, l_gen
 
-    def embed(self, generator: torch.Generator | None = None, train: bool = True) -> dict:
-        """Full-graph forward: final user and item embeddings plus the auxiliary losses."""
+    def embed(self, generator: torch.Generator | None = None, train: bool = True,
+              shard: ItemShard | None = None) -> dict:
+        """Full-graph forward: final user and item embeddings plus the auxiliary losses.
+
+        With a shard (training only), L_gen and L_TC come back as W x this worker's share: DDP's
+        average of the workers' gradients is then the full losses' gradient (see sharding.py)."""
         e = self.item_embedding
-        xs, l_gen = self._filtered_content(generator, train)
+        shard = shard if train and shard is not None and shard.world > 1 else None
+        xs, l_gen = self._filtered_content(generator, train, shard)
         if self.gate_mode == "as_written":
             e_ref = gate_as_written(e, xs)
         elif self.gate_mode == "per_modality":
@@ -142,7 +156,12 @@ class GTC(nn.Module):
         if self.use_tc and train:
             zs = [F.normalize(e, dim=-1)] + [F.normalize(x, dim=-1) for x in xs]
             scale = self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp()
-            l_tc = total_correlation_loss(zs, scale, self.cfg.tc_mode, generator)
+            rows = shard.bounds(self.num_items) if shard is not None and self.cfg.tc_mode == "n" else None
+            l_tc = total_correlation_loss(zs, scale, self.cfg.tc_mode, generator, rows)
+            if rows is not None:
+                l_tc = l_tc * shard.world
+        if shard is not None:
+            l_gen = l_gen * shard.world
         U = self.num_users
         reps = []
         for r, f in enumerate([e_ref] + xs):
@@ -160,7 +179,7 @@ class GTC(nn.Module):
                        generator: torch.Generator | None = None) -> dict:
         """Total loss and each component for a batch of (user, positive, negative) triples (spec §6).
         Inputs are never modified (fixes B9)."""
-        out = self.embed(generator, train=True)
+        out = self.embed(generator, train=True, shard=self.item_shard)
         zu = out["users"][users]
         diff = (zu * out["items"][pos]).sum(-1) - (zu * out["items"][neg]).sum(-1)
         if self.compat.unstable_bpr:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 
@@ -28,55 +29,65 @@ def _perm(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
 
 
 class _DiagReplacedCE(torch.autograd.Function):
-    """mean_r [logsumexp_c L[r, c] - pos_r] with L = Q Kᵀ and L[r, r] := pos_r, in row chunks.
+    """sum_r [logsumexp_c L[r, c] - pos_r] / n_total with L = Q Kᵀ and L[r, offset + r] := pos_r.
 
-    Memory is O(chunk x I) instead of several [I, I] temporaries (spec P2, P10); the backward
-    recomputes each chunk's logits (one extra matrix product) rather than keeping them.
+    Q holds a block of rows (all of them, or one worker's shard: spec §11, "TC can be sharded by item
+    rows"), K every column. One pass over row chunks computes the loss and, when a gradient is
+    needed, the gradient too: the softmax of a chunk is all the gradient needs, so the chunk's
+    logits are never recomputed and never kept (spec P2, P10: O(chunk x I) memory, 3 matrix
+    products per chunk instead of 4). The backward only scales what the forward stored.
     """
 
     @staticmethod
-    def forward(ctx, q, k, pos, chunk: int):
+    def forward(ctx, q, k, pos, chunk: int, offset: int, n_total: int):
         n = q.shape[0]
-        lse = torch.empty(n, dtype=q.dtype, device=q.device)
-        idx = torch.arange(n, device=q.device)
+        want_grad = any(ctx.needs_input_grad[:3])
+        loss = q.new_zeros(())
+        dq = torch.empty_like(q) if want_grad else None
+        dk = torch.zeros_like(k) if want_grad else None
+        dpos = torch.empty_like(pos) if want_grad else None
+        idx = torch.arange(min(chunk, n), device=q.device)
+        buf = q.new_empty(min(chunk, n), k.shape[0])  # reused: no per-chunk allocation (P10)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            logits = q[s:e] @ k.T
-            logits[idx[: e - s], idx[s:e]] = pos[s:e]
-            lse[s:e] = torch.logsumexp(logits, dim=1)
-        ctx.save_for_backward(q, k, pos, lse)
-        ctx.chunk = chunk
-        return (lse - pos).mean()
+            rows, cols = idx[: e - s], idx[: e - s] + offset + s
+            logits = torch.mm(q[s:e], k.T, out=buf[: e - s])
+            logits[rows, cols] = pos[s:e]
+            logp = torch.log_softmax(logits, dim=1)
+            loss = loss - logp[rows, cols].sum()
+            if want_grad:
+                p = logp.exp_()  # softmax
+                dpos[s:e] = p[rows, cols] - 1.0
+                p[rows, cols] = 0.0  # the diagonal is pos, not q k
+                torch.mm(p, k, out=dq[s:e])
+                dk.addmm_(p.T, q[s:e])
+        if want_grad:
+            ctx.save_for_backward(dq, dk, dpos)
+        ctx.n_total = n_total
+        return loss / n_total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
-        q, k, pos, lse = ctx.saved_tensors
-        n, chunk = q.shape[0], ctx.chunk
-        dq, dk, dpos = torch.zeros_like(q), torch.zeros_like(k), torch.empty_like(pos)
-        idx = torch.arange(n, device=q.device)
-        w = g / n
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            logits = q[s:e] @ k.T
-            rows, cols = idx[: e - s], idx[s:e]
-            logits[rows, cols] = pos[s:e]
-            p = torch.exp_(logits.sub_(lse[s:e, None])).mul_(w)  # softmax * g / n, in place
-            dpos[s:e] = p[rows, cols] - w
-            p[rows, cols] = 0.0  # the diagonal is pos, not q k
-            dq[s:e] = p @ k
-            dk.addmm_(p.T, q[s:e])
-        return dq, dk, dpos, None
+        dq, dk, dpos = ctx.saved_tensors
+        w = g / ctx.n_total
+        return dq * w, dk * w, dpos * w, None, None, None
 
 
-def diag_replaced_ce(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    return _DiagReplacedCE.apply(q, k, pos, chunk)
+def diag_replaced_ce(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, chunk: int = 256, offset: int = 0,
+                     n_total: int | None = None) -> torch.Tensor:
+    """Rows q[j] are global rows offset + j; the loss is their summed CE divided by n_total (default:
+    len(q)), so the row-shards' losses of all workers add up to the full mean."""
+    return _DiagReplacedCE.apply(q, k, pos, chunk, offset, len(q) if n_total is None else n_total)
 
 
 def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Generator | None = None,
-              chunk: int = 1024) -> torch.Tensor:
+              chunk: int = 256, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """rows = (lo, hi): only those anchor rows (one worker's share; all items stay negatives), divided
+    by the full I, so the shares of all workers add up to the full loss. Same permutations needed."""
     n = zs[0].shape[0]
-    prod_all = torch.stack(zs, 0).prod(0)  # [I, d]: positives' elementwise product
-    pos = prod_all.sum(-1)  # [I]
+    lo, hi = rows or (0, n)
+    pos = torch.stack([z[lo:hi] for z in zs], 0).prod(0).sum(-1)  # positives: same item everywhere
     losses = []
     for a in range(len(zs)):
         neg = None
@@ -85,7 +96,7 @@ def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Gene
                 continue
             zb = zs[b][_perm(n, generator, zs[b].device)]
             neg = zb if neg is None else neg * zb
-        losses.append(diag_replaced_ce(scale * zs[a], neg, scale * pos, chunk))
+        losses.append(diag_replaced_ce(scale * zs[a][lo:hi], neg, scale * pos, chunk, offset=lo, n_total=n))
     return torch.stack(losses).mean()
 
 
@@ -118,11 +129,13 @@ def pairwise_infonce(zs: list[torch.Tensor], scale: torch.Tensor) -> torch.Tenso
 
 
 def total_correlation_loss(zs: list[torch.Tensor], scale: torch.Tensor, mode: str = "n",
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+                           generator: torch.Generator | None = None,
+                           rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """rows: a row block of mode "n" (sharded workers); the other modes are computed whole."""
     if len(zs) < 2:
         raise ValueError("the TC loss needs at least two representations")
     if mode == "n":
-        return tc_loss_n(zs, scale, generator)
+        return tc_loss_n(zs, scale, generator, rows=rows)
     if mode == "n_squared":
         return tc_loss_n_squared(zs, scale)
     if mode == "pairwise":

@@ -14,8 +14,11 @@ Walk-through (one call per worker):
 
 DDP choices (spec §11): the global batch is `train.batch_size`; with `batch_scaling="split"` each of
 W workers takes B/W rows, so optimizer steps per epoch (and the effective weight of the full-item
-L_gen and L_TC, O4) equal single-process training; each rank draws its own diffusion noise and TC
-permutations, so the averaged gradient of L_gen and L_TC has lower variance than single-process.
+L_gen and L_TC, O4) equal single-process training. With `train.shard_item_work` (the default) the
+full-item work (projections, denoisers, L_gen, the L_TC rows) is split by item rows across workers,
+all drawing the step's noise and permutations from one seed: the step is the single-process step,
+computed in parts (gtc_ray/model/sharding.py). Without it every rank repeats that work with its own
+noise and permutations (lower-variance gradients, no speed-up from more workers).
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ class Runtime:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    def item_shard(self):
+        """This worker's ItemShard (None with one worker); collective: every rank calls it."""
+        return None
+
     def latest_checkpoint(self) -> Path | None:
         return None
 
@@ -149,6 +156,9 @@ def train_loop(config: dict, rt: Runtime) -> None:
         best, best_epoch, bad, history = meta["best"], meta["best_epoch"], meta["bad"], meta["history"]
         best_state = load_file(ck, "best_model.pt", meta, rt.device) if "best_model.pt" in meta["hashes"] else None
         log(f"resumed from {ck} at epoch {start_epoch}")
+    # the full-item work split by item rows (all ranks: new_group is collective)
+    model.item_shard = rt.item_shard() if cfg.train.shard_item_work else None
+    noise_rank = 0 if model.item_shard is not None else rt.rank  # sharded: one noise stream for all
     ddp = rt.wrap(model)
 
     # 3. this worker's shard
@@ -186,7 +196,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
             u = torch.from_numpy(sh_u[idx]).to(rt.device)
             p = torch.from_numpy(sh_i[idx]).to(rt.device)
             n = torch.from_numpy(neg_all[sl]).to(rt.device)
-            out = ddp(u, p, n, seed=derive_seed(seed, epoch, s, rt.rank, "step"))
+            out = ddp(u, p, n, seed=derive_seed(seed, epoch, s, noise_rank, "step"))
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()

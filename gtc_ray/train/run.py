@@ -92,6 +92,13 @@ class RayTrainRuntime(Runtime):
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX)
         return t
 
+    def item_shard(self):
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return None
+        from gtc_ray.model.sharding import ItemShard
+        # a group of its own: the shard's collectives never interleave with DDP's gradient buckets
+        return ItemShard(self.rank, self.world_size, torch.distributed.new_group())
+
     def wrap(self, model):
         import ray.train.torch
         if self.world_size > 1:
