@@ -131,6 +131,20 @@ def test_tc_row_shards_add_up_to_the_full_loss():
         assert diag_replaced_ce(q, k, pos, 5).item() == pytest.approx(full.item(), rel=1e-12)
 
 
+def test_tc_ce_when_the_positive_probability_underflows():
+    """The fused kernel reads CE from softmax at the positive; where that underflows to 0 it must
+    still give the exact (finite) cross-entropy and gradient."""
+    from gtc_ray.model.total_correlation import diag_replaced_ce
+    g = torch.Generator().manual_seed(2)
+    q = (torch.randn(20, 4, generator=g, dtype=torch.float64) * 30).requires_grad_()
+    k = torch.randn(20, 4, generator=g, dtype=torch.float64) * 30
+    pos = torch.full((20,), -500.0, dtype=torch.float64)
+    got = diag_replaced_ce(q, k, pos, 8)
+    logits = (q @ k.T).detach()
+    logits[range(20), range(20)] = pos
+    assert torch.isfinite(got) and got.item() == pytest.approx(F.cross_entropy(logits, torch.arange(20)).item(), rel=1e-9)
+
+
 def test_tc_loss_n_squared_matches_bruteforce():
     n, d = 5, 3
     zs = [_norm(n, d, seed=s) for s in range(3)]

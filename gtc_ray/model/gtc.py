@@ -138,8 +138,11 @@ class GTC(nn.Module):
         return xs, l_gen
 
     def embed(self, generator: torch.Generator | None = None, train: bool = True,
-              shard: ItemShard | None = None) -> dict:
+              shard: ItemShard | None = None, user_rows: torch.Tensor | None = None) -> dict:
         """Full-graph forward: final user and item embeddings plus the auxiliary losses.
+
+        user_rows: return the final embeddings of these users only (a training batch): the user-user
+        aggregation G Z is then computed for those rows of G, not all U (it was ~10% of a step).
 
         With a shard (training only), L_gen and L_TC come back as W x this worker's share: DDP's
         average of the workers' gradients is then the full losses' gradient (see sharding.py)."""
@@ -171,7 +174,11 @@ class GTC(nn.Module):
         users = torch.cat([self.weight_u[:, r] * R[:U] for r, R in enumerate(reps)], dim=-1)
         if self.item_graph is not None:
             items = items + spmm(self.item_graph, items)
-        if self.user_graph is not None:
+        if user_rows is not None:
+            rows = user_rows.cpu().numpy()
+            base = users[user_rows]
+            users = base + spmm(self.user_graph.rows(rows), users) if self.user_graph is not None else base
+        elif self.user_graph is not None:
             users = users + spmm(self.user_graph, users)
         return {"users": users, "items": items, "reps_users": [R[:U] for R in reps], "gen": l_gen, "tc": l_tc}
 
@@ -179,8 +186,10 @@ class GTC(nn.Module):
                        generator: torch.Generator | None = None) -> dict:
         """Total loss and each component for a batch of (user, positive, negative) triples (spec §6).
         Inputs are never modified (fixes B9)."""
-        out = self.embed(generator, train=True, shard=self.item_shard)
-        zu = out["users"][users]
+        # compat's stale evaluation needs every user's embedding from this batch
+        out = self.embed(generator, train=True, shard=self.item_shard,
+                         user_rows=None if self.compat.stale_eval else users)
+        zu = out["users"] if not self.compat.stale_eval else out["users"][users]
         diff = (zu * out["items"][pos]).sum(-1) - (zu * out["items"][neg]).sum(-1)
         if self.compat.unstable_bpr:
             bpr = -torch.log2(torch.sigmoid(diff)).mean()  # B6 as shipped

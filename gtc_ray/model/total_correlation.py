@@ -53,11 +53,16 @@ class _DiagReplacedCE(torch.autograd.Function):
             rows, cols = idx[: e - s], idx[: e - s] + offset + s
             logits = torch.mm(q[s:e], k.T, out=buf[: e - s])
             logits[rows, cols] = pos[s:e]
-            logp = torch.log_softmax(logits, dim=1)
-            loss = loss - logp[rows, cols].sum()
+            p = torch.ops.aten._softmax.out(logits, 1, False, out=logits)  # in place: one fused kernel
+            p_pos = p[rows, cols]
+            if bool((p_pos > 0).all()):
+                loss = loss - p_pos.log().sum()  # CE = -log softmax at the positive
+            else:  # a positive's probability underflowed: take its CE from a log-softmax instead
+                lg = q[s:e] @ k.T
+                lg[rows, cols] = pos[s:e]
+                loss = loss - torch.log_softmax(lg, dim=1)[rows, cols].sum()
             if want_grad:
-                p = logp.exp_()  # softmax
-                dpos[s:e] = p[rows, cols] - 1.0
+                dpos[s:e] = p_pos - 1.0
                 p[rows, cols] = 0.0  # the diagonal is pos, not q k
                 torch.mm(p, k, out=dq[s:e])
                 dk.addmm_(p.T, q[s:e])
