@@ -84,6 +84,7 @@ class GTC(nn.Module):
             nn.init.xavier_normal_(p)
             self.preferences.append(nn.Parameter(p))
         self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.low_precision = torch.bfloat16 if cfg.matmul_precision == "bfloat16" else None
         self.item_shard: ItemShard | None = None  # set by the trainer for sharded DDP (sharding.py)
         self.features: dict[str, torch.Tensor] = {}
         self.adj = self.item_graph = self.user_graph = None
@@ -130,7 +131,8 @@ class GTC(nn.Module):
                 continue
             eps = torch.randn((n, d), generator=generator, device=f.device)[lo:hi]
             ft = self.schedule.add_noise(f, t, eps)
-            eps_hat = self.denoisers[m](ft, t, e[lo:hi])
+            with torch.autocast(e.device.type, dtype=torch.bfloat16, enabled=self.low_precision is not None):
+                eps_hat = self.denoisers[m](ft, t, e[lo:hi]).float()
             l_gen = l_gen + F.mse_loss(eps_hat, eps, reduction="sum") / (n * d)
             xs.append(self.schedule.predict_x0(ft, t, eps_hat))
         if shard is not None and shard.world > 1:
@@ -160,7 +162,7 @@ class GTC(nn.Module):
             zs = [F.normalize(e, dim=-1)] + [F.normalize(x, dim=-1) for x in xs]
             scale = self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp()
             rows = shard.bounds(self.num_items) if shard is not None and self.cfg.tc_mode == "n" else None
-            l_tc = total_correlation_loss(zs, scale, self.cfg.tc_mode, generator, rows)
+            l_tc = total_correlation_loss(zs, scale, self.cfg.tc_mode, generator, rows, self.low_precision)
             if rows is not None:
                 l_tc = l_tc * shard.world
         if shard is not None:

@@ -38,43 +38,30 @@ def bipartite_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, nu
 
 
 class SparseOperator:
-    """A fixed sparse matrix and its transpose, for products differentiable in the dense operand.
-
-    On CPU the products run in scipy: its CSR kernel was 2.3x faster than torch's on the training
-    graph at one thread (bench/train.py profile). On other devices, torch CSR tensors, with the
-    transpose precomputed: torch's own sparse-mm backward rebuilds (and sorts) the transpose on
-    every call, which cost ~25% of a training step (profiled)."""
+    """A fixed sparse matrix with its transpose precomputed: torch's own sparse-mm backward rebuilds
+    (and sorts) the transpose on every call, which cost ~25% of a training step (profiled). The
+    scipy original is kept for row selection (`rows`)."""
 
     def __init__(self, m: sp.csr_matrix, device=None):
         m = sp.csr_matrix(m, dtype=np.float32)
-        self.shape, self.nnz = m.shape, m.nnz
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.host = m  # kept for row selection (rows())
-        if self.device.type == "cpu":
-            self.a, self.at = m, m.T.tocsr()
-        else:
-            self.a, self.at = to_torch_csr(m, device), to_torch_csr(m.T.tocsr(), device)
+        self.shape, self.nnz, self.device, self.host = m.shape, m.nnz, device, m
+        self.a = to_torch_csr(m, device)
+        self.at = to_torch_csr(m.T.tocsr(), device)
 
     def rows(self, idx: np.ndarray) -> "SparseOperator":
         """The operator made of rows idx (repeats allowed), e.g. a batch's users."""
         return SparseOperator(self.host[idx], self.device)
-
-    def matmul(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        a = self.at if transpose else self.a
-        if self.device.type == "cpu":
-            return torch.from_numpy(np.asarray(a @ x.detach().contiguous().numpy()))
-        return torch.sparse.mm(a, x)
 
 
 class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: SparseOperator, x: torch.Tensor) -> torch.Tensor:
         ctx.op = op
-        return op.matmul(x)
+        return torch.sparse.mm(op.a, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, ctx.op.matmul(grad, transpose=True)
+        return None, torch.sparse.mm(ctx.op.at, grad)
 
 
 def spmm(a, x: torch.Tensor) -> torch.Tensor:

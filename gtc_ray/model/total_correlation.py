@@ -39,7 +39,7 @@ class _DiagReplacedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, pos, chunk: int, offset: int, n_total: int):
+    def forward(ctx, q, k, pos, chunk: int, offset: int, n_total: int, low: torch.dtype | None = None):
         n = q.shape[0]
         want_grad = any(ctx.needs_input_grad[:3])
         loss = q.new_zeros(())
@@ -48,10 +48,16 @@ class _DiagReplacedCE(torch.autograd.Function):
         dpos = torch.empty_like(pos) if want_grad else None
         idx = torch.arange(min(chunk, n), device=q.device)
         buf = q.new_empty(min(chunk, n), k.shape[0])  # reused: no per-chunk allocation (P10)
+        # mixed precision: the three products in `low` (float32 accumulation inside the kernel),
+        # the softmax and everything summed across chunks in float32 (spec P2)
+        qm, km = (q, k) if low is None else (q.to(low), k.to(low))
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             rows, cols = idx[: e - s], idx[: e - s] + offset + s
-            logits = torch.mm(q[s:e], k.T, out=buf[: e - s])
+            if low is None:
+                logits = torch.mm(q[s:e], k.T, out=buf[: e - s])
+            else:
+                logits = buf[: e - s].copy_(torch.mm(qm[s:e], km.T))
             logits[rows, cols] = pos[s:e]
             p = torch.ops.aten._softmax.out(logits, 1, False, out=logits)  # in place: one fused kernel
             p_pos = p[rows, cols]
@@ -64,8 +70,13 @@ class _DiagReplacedCE(torch.autograd.Function):
             if want_grad:
                 dpos[s:e] = p_pos - 1.0
                 p[rows, cols] = 0.0  # the diagonal is pos, not q k
-                torch.mm(p, k, out=dq[s:e])
-                dk.addmm_(p.T, q[s:e])
+                if low is None:
+                    torch.mm(p, k, out=dq[s:e])
+                    dk.addmm_(p.T, q[s:e])
+                else:
+                    pm = p.to(low)
+                    dq[s:e] = torch.mm(pm, km)
+                    dk += torch.mm(pm.T, qm[s:e])
         if want_grad:
             ctx.save_for_backward(dq, dk, dpos)
         ctx.n_total = n_total
@@ -76,18 +87,18 @@ class _DiagReplacedCE(torch.autograd.Function):
     def backward(ctx, g):
         dq, dk, dpos = ctx.saved_tensors
         w = g / ctx.n_total
-        return dq * w, dk * w, dpos * w, None, None, None
+        return dq * w, dk * w, dpos * w, None, None, None, None
 
 
 def diag_replaced_ce(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, chunk: int = 256, offset: int = 0,
-                     n_total: int | None = None) -> torch.Tensor:
+                     n_total: int | None = None, low: torch.dtype | None = None) -> torch.Tensor:
     """Rows q[j] are global rows offset + j; the loss is their summed CE divided by n_total (default:
     len(q)), so the row-shards' losses of all workers add up to the full mean."""
-    return _DiagReplacedCE.apply(q, k, pos, chunk, offset, len(q) if n_total is None else n_total)
+    return _DiagReplacedCE.apply(q, k, pos, chunk, offset, len(q) if n_total is None else n_total, low)
 
 
 def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Generator | None = None,
-              chunk: int = 256, rows: tuple[int, int] | None = None) -> torch.Tensor:
+              chunk: int = 256, rows: tuple[int, int] | None = None, low: torch.dtype | None = None) -> torch.Tensor:
     """rows = (lo, hi): only those anchor rows (one worker's share; all items stay negatives), divided
     by the full I, so the shares of all workers add up to the full loss. Same permutations needed."""
     n = zs[0].shape[0]
@@ -101,7 +112,7 @@ def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Gene
                 continue
             zb = zs[b][_perm(n, generator, zs[b].device)]
             neg = zb if neg is None else neg * zb
-        losses.append(diag_replaced_ce(scale * zs[a][lo:hi], neg, scale * pos, chunk, offset=lo, n_total=n))
+        losses.append(diag_replaced_ce(scale * zs[a][lo:hi], neg, scale * pos, chunk, offset=lo, n_total=n, low=low))
     return torch.stack(losses).mean()
 
 
@@ -135,12 +146,13 @@ def pairwise_infonce(zs: list[torch.Tensor], scale: torch.Tensor) -> torch.Tenso
 
 def total_correlation_loss(zs: list[torch.Tensor], scale: torch.Tensor, mode: str = "n",
                            generator: torch.Generator | None = None,
-                           rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """rows: a row block of mode "n" (sharded workers); the other modes are computed whole."""
+                           rows: tuple[int, int] | None = None, low: torch.dtype | None = None) -> torch.Tensor:
+    """rows: a row block of mode "n" (sharded workers); the other modes are computed whole.
+    low: a lower precision for mode "n"'s matrix products (mixed precision)."""
     if len(zs) < 2:
         raise ValueError("the TC loss needs at least two representations")
     if mode == "n":
-        return tc_loss_n(zs, scale, generator, rows=rows)
+        return tc_loss_n(zs, scale, generator, rows=rows, low=low)
     if mode == "n_squared":
         return tc_loss_n_squared(zs, scale)
     if mode == "pairwise":
