@@ -59,7 +59,10 @@ class _DiagReplacedCE(torch.autograd.Function):
             else:
                 logits = buf[: e - s].copy_(torch.mm(qm[s:e], km.T))
             logits[rows, cols] = pos[s:e]
-            p = torch.ops.aten._softmax.out(logits, 1, False, out=logits)  # in place: one fused kernel
+            if logits.is_cpu:  # in place: one fused kernel, no allocation (verified equal to softmax)
+                p = torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+            else:  # GPU kernels are not documented as alias-safe; the caching allocator makes this cheap
+                p = torch.softmax(logits, dim=1)
             p_pos = p[rows, cols]
             if bool((p_pos > 0).all()):
                 loss = loss - p_pos.log().sum()  # CE = -log softmax at the positive
