@@ -117,6 +117,16 @@ def _split_csr(ds, name: str) -> sp.csr_matrix:
     return train_matrix(u, i, ds.num_users, ds.num_items)
 
 
+def eval_targets(ds, mask_valid_in_test: bool = True) -> tuple[sp.csr_matrix, dict]:
+    """The training matrix and, per split, (users to rank, their true items, items to mask): the
+    training items are masked, and for the test split the validation items too (spec §8)."""
+    seen = _split_csr(ds, "train")
+    valid = _split_csr(ds, "valid")
+    test_mask = (seen + valid).tocsr() if mask_valid_in_test else seen
+    return seen, {"valid": (np.unique(ds.split_pairs("valid")[0]), valid, seen),
+                  "test": (np.unique(ds.split_pairs("test")[0]), _split_csr(ds, "test"), test_mask)}
+
+
 def train_loop(config: dict, rt: Runtime) -> None:
     cfg: Config = config_from_dict(config["cfg"])
     torch.set_num_threads(cfg.train.num_threads)
@@ -128,11 +138,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     ds = load_dataset(config["data_dir"], verify=False)
     graphs = prepare(ds, cfg.graph, log=lambda m: None)
     tr_u, tr_i = ds.split_pairs("train")
-    seen = _split_csr(ds, "train")
-    valid, test = _split_csr(ds, "valid"), _split_csr(ds, "test")
-    valid_users = np.unique(ds.split_pairs("valid")[0])
-    test_users = np.unique(ds.split_pairs("test")[0])
-    test_mask = (seen + valid).tocsr() if cfg.eval.mask_valid_in_test else seen
+    seen, targets = eval_targets(ds, cfg.eval.mask_valid_in_test)
     model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
     model.to(rt.device)
     model.attach(ds.features, bipartite_adjacency(tr_u, tr_i, ds.num_users, ds.num_items), graphs.item_item,
@@ -210,7 +216,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
         ddp.eval()
         rec = {"epoch": epoch, **{f"train_{k}": float(v) for k, v in zip(LOSS_KEYS, losses)}}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            vm = _evaluate(model, rt, valid_users, valid, seen, cfg, derive_seed(seed, "eval"))
+            vm = _evaluate(model, rt, *targets["valid"], cfg, derive_seed(seed, "eval"))
             rec.update({f"valid_{k}": v for k, v in vm.items()})
             # 6. early stopping: strict improvement resets the counter
             if vm[metric] > best:
@@ -242,9 +248,9 @@ def train_loop(config: dict, rt: Runtime) -> None:
                                                np.random.default_rng(derive_seed(seed, best_epoch, "ug"))), rt.device)
     t2 = time.perf_counter()
     model.eval()
-    vfinal = _evaluate(model, rt, valid_users, valid, seen, cfg, derive_seed(seed, "eval"))
+    vfinal = _evaluate(model, rt, *targets["valid"], cfg, derive_seed(seed, "eval"))
     # Tune trials skip the test split: only the selected trial is tested, once, by the search driver
-    tm = _evaluate(model, rt, test_users, test, test_mask, cfg, derive_seed(seed, "eval")) \
+    tm = _evaluate(model, rt, *targets["test"], cfg, derive_seed(seed, "eval")) \
         if config.get("evaluate_test", True) else {}
     rec = {"epoch": history[-1]["epoch"] if history else -1, "final": True,
            **{f"valid_{k}": v for k, v in vfinal.items()}, **{f"test_{k}": v for k, v in tm.items()},

@@ -356,23 +356,15 @@ def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
 
 
 def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None) -> dict:
-    """Re-evaluate a checkpoint in-process (valid and test)."""
-    from gtc_ray.data.prepare import train_matrix
-    from gtc_ray.train.loop import derive_seed
+    """Re-evaluate a checkpoint in-process (valid and test), with the training loop's targets."""
+    from gtc_ray.train.loop import derive_seed, eval_targets
     from gtc_ray.train.metrics import evaluate_sums, sums_to_metrics
     model, ds, cfg, meta = load_checkpoint_model(ckpt, data_dir)
     zu, yi = model.eval_embeddings(derive_seed(cfg.train.seed, "eval"))
-    u, i = ds.split_pairs("train")
-    seen = train_matrix(u, i, ds.num_users, ds.num_items)
+    _, targets = eval_targets(ds, cfg.eval.mask_valid_in_test)
     out = {}
-    for split in ("valid", "test"):
-        su, si = ds.split_pairs(split)
-        truth = train_matrix(su, si, ds.num_users, ds.num_items)
-        mask = seen
-        if split == "test" and cfg.eval.mask_valid_in_test:
-            vu, vi = ds.split_pairs("valid")
-            mask = (seen + train_matrix(vu, vi, ds.num_users, ds.num_items)).tocsr()
-        sums, n = evaluate_sums(zu, yi, np.unique(su), truth, mask, cfg.eval.topk, cfg.eval.user_chunk)
+    for split, (users, truth, mask) in targets.items():
+        sums, n = evaluate_sums(zu, yi, users, truth, mask, cfg.eval.topk, cfg.eval.user_chunk)
         out[split] = sums_to_metrics(sums, n, cfg.eval.topk)
     return out
 
