@@ -101,9 +101,9 @@ def dataset_tags(ds) -> dict:
 class TrainTracker:
     """One MLflow run for `gtc-ray train`: created by the driver, fed live by the Train controller."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, mlflow_client=None):
         self.uri, self.run_id = uri, run_id
-        self._c = None
+        self._c = mlflow_client  # None: made on first use (after pickling, in another process)
 
     @property
     def c(self):
@@ -120,9 +120,7 @@ class TrainTracker:
         c = client(uri)
         run = c.create_run(experiment_id(c, uri), run_name=name, tags={**dataset_tags(ds), "gtc.kind": "train"})
         log_params(c, run.info.run_id, flatten(cfg.to_dict()))
-        t = cls(uri, run.info.run_id)
-        t._c = c
-        return t
+        return cls(uri, run.info.run_id, c)
 
     def log(self, rec: dict) -> None:
         from mlflow.entities import Metric

@@ -97,10 +97,7 @@ def make_mlflow_callback(uri: str, experiment_id: str, parent_id: str, base_tags
             rec = {k: v for k, v in result.items() if k.startswith(("train_", "valid_")) or k in ("epoch", "best_valid")}
             if "epoch" in rec and not result.get("final"):
                 self.history.setdefault(trial.trial_id, []).append(rec)
-                from gtc_ray.tracking import TrainTracker
-                t = TrainTracker(uri, rid)
-                t._c = self.c
-                t.log(rec)
+                tracking.TrainTracker(uri, rid, self.c).log(rec)
 
         def _close(self, trial, status):
             rid = self._run_for(trial)
