@@ -112,21 +112,25 @@ def validate_arrays(ds: Dataset, source: str) -> dict:
             raise GtcInputError(inter, f"the {s} split is empty",
                                 "give every split rows (re-split with `gtc-ray data import --split random`)")
     for name, f in ds.features.items():
-        where = f"{source}/features/{name}"
-        if f.ndim != 2 or f.shape[0] != ds.num_items:
-            raise GtcInputError(where, f"has {f.shape[0] if f.ndim else 0} rows for {ds.num_items} items",
-                                "provide exactly one feature row per item index")
-        finite = np.isfinite(f).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            raise GtcInputError(where, f"{len(bad)} rows contain NaN or infinite values",
-                                "fix or impute those rows (e.g. with the mean feature vector)",
-                                [f"item {b}" for b in bad[:5]])
-        dim = ds.manifest.get("modalities", {}).get(name, {}).get("dim")
-        if dim is not None and f.shape[1] != dim:
-            raise GtcInputError(where, f"width {f.shape[1]} differs from the manifest's {dim}",
-                                "re-import the features or fix manifest.json")
+        check_features(f"{source}/features/{name}", f, ds.num_items,
+                       ds.manifest.get("modalities", {}).get(name, {}).get("dim"))
     return counts_by_split
+
+
+def check_features(where: str, f: np.ndarray, num_items: int, dim: int | None = None) -> None:
+    """One finite row per item (and the manifest's width, when given)."""
+    if f.ndim != 2 or f.shape[0] != num_items:
+        raise GtcInputError(where, f"has {f.shape[0] if f.ndim else 0} rows for {num_items} items",
+                            "provide exactly one feature row per item index")
+    finite = np.isfinite(f).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise GtcInputError(where, f"{len(bad)} rows contain NaN or infinite values",
+                            "fix or impute those rows (e.g. with the mean feature vector)",
+                            [f"item {b}" for b in bad[:5]])
+    if dim is not None and f.shape[1] != dim:
+        raise GtcInputError(where, f"width {f.shape[1]} differs from the manifest's {dim}",
+                            "re-import the features or fix manifest.json")
 
 
 # ----------------------------------------------------------------------------------------- write
@@ -149,9 +153,7 @@ def replace_modality(path: str | Path, modality: str, features: np.ndarray, prov
     a sibling directory (unchanged files hard-linked) and swapped in with renames."""
     path = Path(path).absolute()
     manifest = read_manifest(path)
-    if features.ndim != 2 or features.shape[0] != manifest["num_items"] or not np.isfinite(features).all():
-        raise GtcInputError(f"features for {modality}", f"shape {features.shape} or values are invalid",
-                            f"produce one finite row per item ({manifest['num_items']})")
+    check_features(f"features for {modality}", features, manifest["num_items"])
     rel = f"features/{modality}.parquet"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -31,6 +31,7 @@ import torch
 from gtc_ray.config import GraphConfig
 from gtc_ray.data.dataset import Dataset
 from gtc_ray.errors import GtcInputError
+from gtc_ray.model.propagation import sym_normalize
 
 PREPARE_VERSION = 1
 
@@ -76,10 +77,7 @@ def knn_graph(features: np.ndarray, k: int, chunk_rows: int = 2048) -> sp.csr_ma
         sim = x[s:s + chunk_rows] @ x.T  # [chunk, n]: the only n-wide temporary
         cols[s:s + chunk_rows] = torch.topk(sim, k, dim=1).indices.numpy()
     rows = np.repeat(np.arange(n), k)
-    adj = sp.csr_matrix((np.ones(n * k, np.float32), (rows, cols.reshape(-1))), shape=(n, n))
-    d = np.asarray(adj.sum(1)).reshape(-1)
-    dinv = (1.0 / np.sqrt(np.maximum(d, 1e-30)) * (d > 0)).astype(np.float32)  # 0 for empty rows
-    return sp.csr_matrix(sp.diags(dinv) @ adj @ sp.diags(dinv), dtype=np.float32)
+    return sym_normalize(sp.csr_matrix((np.ones(n * k, np.float32), (rows, cols.reshape(-1))), shape=(n, n)))
 
 
 def item_item_graph(features: dict[str, np.ndarray], cfg: GraphConfig) -> sp.csr_matrix:

@@ -135,7 +135,7 @@ class GTC(nn.Module):
                 eps_hat = self.denoisers[m](ft, t, e[lo:hi]).float()
             l_gen = l_gen + F.mse_loss(eps_hat, eps, reduction="sum") / (n * d)
             xs.append(self.schedule.predict_x0(ft, t, eps_hat))
-        if shard is not None and shard.world > 1:
+        if shard is not None:  # embed() passes a shard only when there are several workers
             xs = list(gather_rows(torch.cat(xs, dim=-1), n, shard).split(d, dim=-1))
         return xs, l_gen
 
@@ -177,9 +177,9 @@ class GTC(nn.Module):
         if self.item_graph is not None:
             items = items + spmm(self.item_graph, items)
         if user_rows is not None:
-            rows = user_rows.cpu().numpy()
             base = users[user_rows]
-            users = base + spmm(self.user_graph.rows(rows), users) if self.user_graph is not None else base
+            users = base + spmm(self.user_graph.rows(user_rows.cpu().numpy()), users) \
+                if self.user_graph is not None else base
         elif self.user_graph is not None:
             users = users + spmm(self.user_graph, users)
         return {"users": users, "items": items, "reps_users": [R[:U] for R in reps], "gen": l_gen, "tc": l_tc}

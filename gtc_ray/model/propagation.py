@@ -32,8 +32,13 @@ def bipartite_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, nu
     r = np.concatenate([users, items + num_users])
     c = np.concatenate([items + num_users, users])
     a = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(n, n))  # duplicates would add up
+    return sym_normalize(a)
+
+
+def sym_normalize(a: sp.csr_matrix) -> sp.csr_matrix:
+    """D^-1/2 A D^-1/2 with D the row sums; rows (and columns) of isolated nodes stay 0."""
     deg = np.asarray(a.sum(1)).reshape(-1)
-    dinv = (1.0 / np.sqrt(np.maximum(deg, 1e-30)) * (deg > 0)).astype(np.float32)  # 0 for isolated nodes
+    dinv = (1.0 / np.sqrt(np.maximum(deg, 1e-30)) * (deg > 0)).astype(np.float32)
     return sp.csr_matrix(sp.diags(dinv) @ a @ sp.diags(dinv), dtype=np.float32)
 
 

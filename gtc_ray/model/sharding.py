@@ -34,16 +34,20 @@ class ItemShard:
     world: int
     group: Any = None  # a torch.distributed process group (None: the default group)
 
+    def block(self, n: int) -> int:
+        """Rows per worker: ceil(n / world) (the last worker's block may be short)."""
+        return math.ceil(n / self.world)
+
     def bounds(self, n: int) -> tuple[int, int]:
-        """This worker's rows [lo, hi): equal blocks of ceil(n / world); the last may be short."""
-        b = math.ceil(n / self.world)
+        """This worker's rows [lo, hi)."""
+        b = self.block(n)
         return min(self.rank * b, n), min((self.rank + 1) * b, n)
 
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, n: int, shard: ItemShard) -> torch.Tensor:
-        b = math.ceil(n / shard.world)
+        b = shard.block(n)
         padded = x.new_zeros((b,) + tuple(x.shape[1:]))  # all_gather needs equal sizes
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(shard.world)]
