@@ -3,6 +3,7 @@
     python bench/train.py DATA_DIR [--epochs 3] [--set section.key=value ...] [--skip-ray]
     python bench/train.py --preset baby            # generates a Baby-sized synthetic set first
     python bench/train.py --preset baby --original-epoch-seconds 436
+    python bench/train.py --preset baby --gpu      # on a CUDA machine: in-process vs 1 GPU worker
 
 Prints, each with one CPU thread per worker (spec P12):
 - in-process loop (no Ray): seconds per training epoch and per full validation evaluation;
@@ -14,6 +15,8 @@ Prints, each with one CPU thread per worker (spec P12):
 - with `--original-epoch-seconds S` (the original code's epoch on the same data and machine: the
   issue gives ~436 s wall for the Baby-sized set at 2 threads, ~49 CPU-s for ml100k at 1 thread):
   the speed-up of the 2-worker and the in-process epochs over it.
+With `--gpu`, every run uses the GPU (1 GPU per worker, NCCL); the 2-worker runs need 2 GPUs and
+are skipped with fewer, and the peak GPU memory of each run is printed.
 Epoch times are the mean over epochs after the first (warm-up) as measured inside the loop;
 start-up (Ray, workers, process group) is printed separately as whole-run wall time.
 """
@@ -36,6 +39,13 @@ def epoch_stats(s):
     return statistics.mean(r["train_seconds"] for r in h), statistics.mean(r["eval_seconds"] for r in h)
 
 
+def _cuda_devices() -> int:
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("--gpu: no CUDA GPU visible to torch")
+    return torch.cuda.device_count()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", nargs="?")
@@ -44,6 +54,7 @@ def main():
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-replicated", action="store_true", help="skip the shard_item_work=false run")
+    ap.add_argument("--gpu", action="store_true", help="train on CUDA (1 GPU per worker)")
     ap.add_argument("--original-epoch-seconds", type=float, help="the original code's epoch, for the ratio")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gtc-bench-"))
@@ -63,27 +74,33 @@ def main():
     def run(label, runner, workers, extra=()):
         cfg = load_config(overrides=base + list(extra))
         t = time.perf_counter()
-        s = run_training(data, cfg, runner=runner, workers=workers, storage=tmp / "runs", log=lambda m: None)
+        s = run_training(data, cfg, runner=runner, workers=workers, use_gpu=a.gpu, storage=tmp / "runs",
+                         log=lambda m: None)
         wall = time.perf_counter() - t
         ep, ev = epoch_stats(s)
         rows.append((label, ep, ev, wall))
-        print(f"{label:<34} epoch {ep:7.2f}s  eval {ev:6.2f}s  whole run {wall:7.1f}s", flush=True)
+        mem = f"  peak GPU memory {max(r['gpu_peak_mb'] for r in s['history']):6.0f} MiB" if a.gpu else ""
+        print(f"{label:<34} epoch {ep:7.2f}s  eval {ev:6.2f}s  whole run {wall:7.1f}s{mem}", flush=True)
         return ep
 
-    print(f"dataset {data}; {a.epochs} epochs per run; 1 thread per worker")
+    two_workers = not a.gpu or _cuda_devices() >= 2
+    if a.gpu and not two_workers:
+        print("one GPU: the 2-worker runs are skipped")
+    print(f"dataset {data}; {a.epochs} epochs per run; 1 thread per worker" + ("; on the GPU" if a.gpu else ""))
     local = run("in-process (no Ray)", "inprocess", 1)
     if not a.skip_ray:
         one = run("TorchTrainer, 1 worker", "ray", 1)
-        two = run("TorchTrainer, 2 workers (sharded)", "ray", 2)
-        rep = None if a.skip_replicated else run("TorchTrainer, 2 workers (replicated)", "ray", 2,
-                                                 ["train.shard_item_work=false"])
         print(f"\nRay overhead (1-worker epoch / in-process epoch): {one / local:.2f}x  (target <= 1.15)")
-        print(f"2-worker speed-up (1-worker epoch / 2-worker epoch): {one / two:.2f}x  (target >= 1.6)")
-        if rep is not None:
-            print(f"  the same without item sharding:                  {one / rep:.2f}x")
+        if two_workers:
+            two = run("TorchTrainer, 2 workers (sharded)", "ray", 2)
+            rep = None if a.skip_replicated else run("TorchTrainer, 2 workers (replicated)", "ray", 2,
+                                                     ["train.shard_item_work=false"])
+            print(f"2-worker speed-up (1-worker epoch / 2-worker epoch): {one / two:.2f}x  (target >= 1.6)")
+            if rep is not None:
+                print(f"  the same without item sharding:                  {one / rep:.2f}x")
     if a.original_epoch_seconds:
         o = a.original_epoch_seconds
-        two_part = "" if a.skip_ray else f"2 workers {o / two:.1f}x, "
+        two_part = "" if a.skip_ray or not two_workers else f"2 workers {o / two:.1f}x, "
         print(f"vs the original's {o:.0f} s epoch: {two_part}in-process 1 thread {o / local:.1f}x  (target >= 10)")
 
 

@@ -93,15 +93,29 @@ class _DiagReplacedCE(torch.autograd.Function):
         return dq * w, dk * w, dpos * w, None, None, None, None
 
 
-def diag_replaced_ce(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, chunk: int = 256, offset: int = 0,
+# GPU chunks hold at most this many logits (256 MB in float32): one chunk for a Baby-sized catalogue
+_GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def default_chunk(n_cols: int, device: torch.device) -> int:
+    """Rows per chunk. CPU: 256 (the Q Kᵀ product ran fastest at this size, in cache). GPU: as many
+    rows as fit in _GPU_CHUNK_ELEMENTS, since each small chunk costs launches and a host sync."""
+    if device.type == "cpu":
+        return 256
+    return max(256, _GPU_CHUNK_ELEMENTS // max(n_cols, 1))
+
+
+def diag_replaced_ce(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, chunk: int | None = None, offset: int = 0,
                      n_total: int | None = None, low: torch.dtype | None = None) -> torch.Tensor:
     """Rows q[j] are global rows offset + j; the loss is their summed CE divided by n_total (default:
-    len(q)), so the row-shards' losses of all workers add up to the full mean."""
+    len(q)), so the row-shards' losses of all workers add up to the full mean. chunk: rows per chunk
+    (default: `default_chunk` for k's size and device)."""
+    chunk = chunk or default_chunk(k.shape[0], q.device)
     return _DiagReplacedCE.apply(q, k, pos, chunk, offset, len(q) if n_total is None else n_total, low)
 
 
 def tc_loss_n(zs: list[torch.Tensor], scale: torch.Tensor, generator: torch.Generator | None = None,
-              chunk: int = 256, rows: tuple[int, int] | None = None, low: torch.dtype | None = None) -> torch.Tensor:
+              chunk: int | None = None, rows: tuple[int, int] | None = None, low: torch.dtype | None = None) -> torch.Tensor:
     """rows = (lo, hi): only those anchor rows (one worker's share; all items stay negatives), divided
     by the full I, so the shares of all workers add up to the full loss. Same permutations needed."""
     n = zs[0].shape[0]

@@ -206,7 +206,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
-            sums += torch.stack([out[k].detach().double().cpu() for k in LOSS_KEYS])
+            sums += torch.stack([out[k].detach() for k in LOSS_KEYS]).double().cpu()  # one device sync
         losses = (rt.all_reduce(sums.to(rt.device)) / (steps * rt.world_size)).cpu()
         if not torch.isfinite(losses).all():
             raise FloatingPointError(f"loss became {losses.tolist()} at epoch {epoch}; lower train.lr")
