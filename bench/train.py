@@ -17,6 +17,8 @@ Prints, each with one CPU thread per worker (spec P12):
   the speed-up of the 2-worker and the in-process epochs over it.
 With `--gpu`, every run uses the GPU (1 GPU per worker, NCCL); the 2-worker runs need 2 GPUs and
 are skipped with fewer, and the peak GPU memory of each run is printed.
+With `--repeat R`, all runs are made R times, interleaved round by round, and the ratios are those
+of the medians (on a shared machine, one run can be 15% off).
 Epoch times are the mean over epochs after the first (warm-up) as measured inside the loop;
 start-up (Ray, workers, process group) is printed separately as whole-run wall time.
 """
@@ -54,6 +56,7 @@ def main():
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-replicated", action="store_true", help="skip the shard_item_work=false run")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs, interleaved; ratios of medians")
     ap.add_argument("--gpu", action="store_true", help="train on CUDA (1 GPU per worker)")
     ap.add_argument("--original-epoch-seconds", type=float, help="the original code's epoch, for the ratio")
     a = ap.parse_args()
@@ -67,9 +70,7 @@ def main():
         print(f"generated {a.preset} in {time.perf_counter() - t:.1f}s")
     if data is None:
         ap.error("give DATA_DIR or --preset")
-    base = a.overrides + [f"train.epochs={a.epochs}", "train.patience=1000", "train.num_threads=1",
-                          ]
-    rows = []
+    base = a.overrides + [f"train.epochs={a.epochs}", "train.patience=1000", "train.num_threads=1"]
 
     def run(label, runner, workers, extra=()):
         cfg = load_config(overrides=base + list(extra))
@@ -78,31 +79,48 @@ def main():
                          log=lambda m: None)
         wall = time.perf_counter() - t
         ep, ev = epoch_stats(s)
-        rows.append((label, ep, ev, wall))
         mem = f"  peak GPU memory {max(r['gpu_peak_mb'] for r in s['history']):6.0f} MiB" if a.gpu else ""
-        print(f"{label:<34} epoch {ep:7.2f}s  eval {ev:6.2f}s  whole run {wall:7.1f}s{mem}", flush=True)
+        print(f"{label:<36} epoch {ep:7.2f}s  eval {ev:6.2f}s  whole run {wall:7.1f}s{mem}", flush=True)
         return ep
 
     two_workers = not a.gpu or _cuda_devices() >= 2
     if a.gpu and not two_workers:
         print("one GPU: the 2-worker runs are skipped")
-    print(f"dataset {data}; {a.epochs} epochs per run; 1 thread per worker" + ("; on the GPU" if a.gpu else ""))
-    local = run("in-process (no Ray)", "inprocess", 1)
+    runs = [("in-process (no Ray)", "inprocess", 1, ())]
     if not a.skip_ray:
-        one = run("TorchTrainer, 1 worker", "ray", 1)
+        runs.append(("TorchTrainer, 1 worker", "ray", 1, ()))
+        if two_workers:
+            runs.append(("TorchTrainer, 2 workers (sharded)", "ray", 2, ()))
+            if not a.skip_replicated:
+                runs.append(("TorchTrainer, 2 workers (replicated)", "ray", 2, ("train.shard_item_work=false",)))
+    print(f"dataset {data}; {a.epochs} epochs per run; 1 thread per worker" + ("; on the GPU" if a.gpu else "")
+          + (f"; {a.repeat} rounds, interleaved" if a.repeat > 1 else ""))
+    # rounds interleave the configurations, so a slow spell of a shared machine hits all of them
+    times = {label: [] for label, *_ in runs}
+    for r in range(a.repeat):
+        if a.repeat > 1:
+            print(f"-- round {r + 1}/{a.repeat}")
+        for label, runner, workers, extra in runs:
+            times[label].append(run(label, runner, workers, extra))
+    ep = {label: statistics.median(v) for label, v in times.items()}
+    if a.repeat > 1:
+        print("\nmedian over rounds:")
+        for label, v in ep.items():
+            print(f"{label:<36} epoch {v:7.2f}s  (rounds: {', '.join(f'{x:.2f}' for x in times[label])})")
+    local = ep["in-process (no Ray)"]
+    if not a.skip_ray:
+        one = ep["TorchTrainer, 1 worker"]
         print(f"\nRay overhead (1-worker epoch / in-process epoch): {one / local:.2f}x  (target <= 1.15)")
         if two_workers:
-            two = run("TorchTrainer, 2 workers (sharded)", "ray", 2)
-            rep = None if a.skip_replicated else run("TorchTrainer, 2 workers (replicated)", "ray", 2,
-                                                     ["train.shard_item_work=false"])
+            two = ep["TorchTrainer, 2 workers (sharded)"]
             print(f"2-worker speed-up (1-worker epoch / 2-worker epoch): {one / two:.2f}x  (target >= 1.6)")
-            if rep is not None:
-                print(f"  the same without item sharding:                  {one / rep:.2f}x")
+            if "TorchTrainer, 2 workers (replicated)" in ep:
+                print(f"  the same without item sharding:                  "
+                      f"{one / ep['TorchTrainer, 2 workers (replicated)']:.2f}x")
     if a.original_epoch_seconds:
         o = a.original_epoch_seconds
         two_part = "" if a.skip_ray or not two_workers else f"2 workers {o / two:.1f}x, "
         print(f"vs the original's {o:.0f} s epoch: {two_part}in-process 1 thread {o / local:.1f}x  (target >= 10)")
-
 
 if __name__ == "__main__":
     main()

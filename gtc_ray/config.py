@@ -94,9 +94,6 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS)
     num_cpus: int = 2  # for the local Ray only
     object_store_memory: int = 1_000_000_000  # for the local Ray only
-    # the local Ray's dashboard: off by default, its processes cost ~1 GB RSS and CPU that DDP
-    # workers wait on at every collective on a small machine (a cluster brings its own)
-    dashboard: bool = False
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # < 1 leaves room for Ray Data on small machines (RAY_NOTES P3)

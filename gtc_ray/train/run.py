@@ -172,7 +172,7 @@ def ensure_ray(cfg: Config, log=print, workers: int = 0, extra_cpu: float = 0.0)
         log(f"connected to Ray at {addr} ({time.perf_counter() - t0:.1f}s)")
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                 include_dashboard=cfg.ray.dashboard, log_to_driver=True)
+                 log_to_driver=True)
         log(f"started a local Ray with {cfg.ray.num_cpus} CPUs ({time.perf_counter() - t0:.1f}s)")
 
 
