@@ -160,11 +160,6 @@ def ensure_ray(cfg: Config, log=print, workers: int = 0, extra_cpu: float = 0.0)
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # end-of-run detection (RAY_NOTES §2)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray starts its workers at nice 15, below its own service processes; on a machine where the
-    # DDP workers fill every core, each wake-up of those processes preempts one worker and the
-    # others wait for it at the next collective (2 workers on 2 cores: 69-70 s/epoch at nice 0
-    # against 83-103 s at 15 on Baby). Read by the local Ray's raylet only.
-    os.environ.setdefault("RAY_worker_niceness", "0")
     addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     t0 = time.perf_counter()
     if addr:
