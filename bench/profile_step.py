@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gtc_ray.config import load_config  # noqa: E402
 from gtc_ray.data.dataset import load_dataset  # noqa: E402
 from gtc_ray.data.prepare import prepare  # noqa: E402
-from gtc_ray.model.gtc import GTC  # noqa: E402
-from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph  # noqa: E402
+from gtc_ray.model.propagation import sample_user_graph  # noqa: E402
+from gtc_ray.train.loop import build_model  # noqa: E402
 
 
 def main():
@@ -52,10 +52,8 @@ def main():
     graphs = prepare(ds, cfg.graph, log=lambda m: None)
     u, i = ds.split_pairs("train")
     torch.manual_seed(0)
-    model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
-    model.to(dev)
     ug = sample_user_graph(graphs.user_user, cfg.model.user_graph_k, np.random.default_rng(0))
-    model.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), graphs.item_item, ug, dev)
+    model = build_model(ds, cfg, graphs, ug, dev)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
     rng = np.random.default_rng(0)
     B = cfg.train.batch_size

@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gtc_ray.config import load_config  # noqa: E402
 from gtc_ray.train.run import run_training  # noqa: E402
 
+LOCAL, ONE = "in-process (no Ray)", "TorchTrainer, 1 worker"
+TWO, REPLICATED = "TorchTrainer, 2 workers (sharded)", "TorchTrainer, 2 workers (replicated)"
+
 
 def epoch_stats(s):
     h = s["history"][1:] or s["history"]
@@ -86,13 +89,13 @@ def main():
     two_workers = not a.gpu or _cuda_devices() >= 2
     if a.gpu and not two_workers:
         print("one GPU: the 2-worker runs are skipped")
-    runs = [("in-process (no Ray)", "inprocess", 1, ())]
+    runs = [(LOCAL, "inprocess", 1, ())]
     if not a.skip_ray:
-        runs.append(("TorchTrainer, 1 worker", "ray", 1, ()))
+        runs.append((ONE, "ray", 1, ()))
         if two_workers:
-            runs.append(("TorchTrainer, 2 workers (sharded)", "ray", 2, ()))
+            runs.append((TWO, "ray", 2, ()))
             if not a.skip_replicated:
-                runs.append(("TorchTrainer, 2 workers (replicated)", "ray", 2, ("train.shard_item_work=false",)))
+                runs.append((REPLICATED, "ray", 2, ("train.shard_item_work=false",)))
     print(f"dataset {data}; {a.epochs} epochs per run; 1 thread per worker" + ("; on the GPU" if a.gpu else "")
           + (f"; {a.repeat} rounds, interleaved" if a.repeat > 1 else ""))
     # rounds interleave the configurations, so a slow spell of a shared machine hits all of them
@@ -107,16 +110,15 @@ def main():
         print("\nmedian over rounds:")
         for label, v in ep.items():
             print(f"{label:<36} epoch {v:7.2f}s  (rounds: {', '.join(f'{x:.2f}' for x in times[label])})")
-    local = ep["in-process (no Ray)"]
+    local = ep[LOCAL]
     if not a.skip_ray:
-        one = ep["TorchTrainer, 1 worker"]
+        one = ep[ONE]
         print(f"\nRay overhead (1-worker epoch / in-process epoch): {one / local:.2f}x  (target <= 1.15)")
         if two_workers:
-            two = ep["TorchTrainer, 2 workers (sharded)"]
+            two = ep[TWO]
             print(f"2-worker speed-up (1-worker epoch / 2-worker epoch): {one / two:.2f}x  (target >= 1.6)")
-            if "TorchTrainer, 2 workers (replicated)" in ep:
-                print(f"  the same without item sharding:                  "
-                      f"{one / ep['TorchTrainer, 2 workers (replicated)']:.2f}x")
+            if REPLICATED in ep:
+                print(f"  the same without item sharding:                  {one / ep[REPLICATED]:.2f}x")
     if a.original_epoch_seconds:
         o = a.original_epoch_seconds
         two_part = "" if a.skip_ray or not two_workers else f"2 workers {o / two:.1f}x, "

@@ -127,6 +127,17 @@ def eval_targets(ds, mask_valid_in_test: bool = True) -> tuple[sp.csr_matrix, di
                   "test": (np.unique(ds.split_pairs("test")[0]), _split_csr(ds, "test"), test_mask)}
 
 
+def build_model(ds, cfg: Config, graphs, user_graph: sp.csr_matrix | None = None, device=None) -> GTC:
+    """GTC for a dataset, on `device`, with its fixed data attached: the features, the training
+    graph's normalised adjacency, the prepared item-item graph and (when given) a user-user graph."""
+    tr_u, tr_i = ds.split_pairs("train")
+    model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
+    if device is not None:
+        model.to(device)
+    return model.attach(ds.features, bipartite_adjacency(tr_u, tr_i, ds.num_users, ds.num_items),
+                        graphs.item_item, user_graph, device)
+
+
 def train_loop(config: dict, rt: Runtime) -> None:
     cfg: Config = config_from_dict(config["cfg"])
     torch.set_num_threads(cfg.train.num_threads)
@@ -137,12 +148,8 @@ def train_loop(config: dict, rt: Runtime) -> None:
     # 1. setup
     ds = load_dataset(config["data_dir"], verify=False)
     graphs = prepare(ds, cfg.graph, log=lambda m: None)
-    tr_u, tr_i = ds.split_pairs("train")
     seen, targets = eval_targets(ds, cfg.eval.mask_valid_in_test)
-    model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
-    model.to(rt.device)
-    model.attach(ds.features, bipartite_adjacency(tr_u, tr_i, ds.num_users, ds.num_items), graphs.item_item,
-                 None, rt.device)
+    model = build_model(ds, cfg, graphs, None, rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
@@ -177,7 +184,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     b_local = cfg.train.batch_size // rt.world_size if cfg.train.batch_scaling == "split" else cfg.train.batch_size
     b_local = max(1, b_local)
     steps = max(1, math.ceil(n_max / b_local))
-    candidates = np.unique(tr_i).astype(np.int64)  # negatives come from items seen in training (spec §4)
+    candidates = np.unique(seen.indices).astype(np.int64)  # items seen in training (spec §4)
     log(f"training on {n_global:,} interactions, {rt.world_size} worker(s), {b_local} rows/worker/step, "
         f"{steps} steps/epoch")
 

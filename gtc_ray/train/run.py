@@ -331,10 +331,9 @@ def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
     trial stopped by ASHA) keeps them as best_model.pt. The user graph is the one sampled for the
     epoch those weights come from, so the embeddings equal the ones validation saw."""
     from gtc_ray.config import config_from_dict
-    from gtc_ray.model.gtc import GTC
-    from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
+    from gtc_ray.model.propagation import sample_user_graph
     from gtc_ray.train.checkpoint import load_file
-    from gtc_ray.train.loop import derive_seed
+    from gtc_ray.train.loop import build_model, derive_seed
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     cfg = config_from_dict(meta["config"])
@@ -343,14 +342,12 @@ def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
         raise GtcInputError(f"checkpoint {ckpt}", f"was trained on dataset {meta['dataset']}, not {ds.content_hash} "
                             f"({ds.path})", "pass the dataset the checkpoint was trained on")
     g = prepare(ds, cfg.graph, log=lambda m: None)
-    u, i = ds.split_pairs("train")
-    model = GTC(ds.num_users, ds.num_items, {m: f.shape[1] for m, f in ds.features.items()}, cfg.model, cfg.compat)
     weights = "model.pt" if meta.get("final") or "best_model.pt" not in meta["hashes"] else "best_model.pt"
-    model.load_state_dict(load_file(ckpt, weights, meta))
     epoch = meta["best_epoch"] if weights == "best_model.pt" or meta.get("final") else meta["epoch"]
     ug = sample_user_graph(g.user_user, cfg.model.user_graph_k,
                            np.random.default_rng(derive_seed(cfg.train.seed, epoch, "ug")))
-    model.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), g.item_item, ug)
+    model = build_model(ds, cfg, g, ug)
+    model.load_state_dict(load_file(ckpt, weights, meta))
     model.eval()
     return model, ds, cfg, meta
 
