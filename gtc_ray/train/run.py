@@ -102,7 +102,10 @@ class RayTrainRuntime(Runtime):
     def wrap(self, model):
         import ray.train.torch
         if self.world_size > 1:
-            return ray.train.torch.prepare_model(model, move_to_device=False)
+            # the only buffers are the noise schedule's constants: broadcasting them from rank 0 at
+            # every forward would add a collective (a wait for the slower worker) to each step
+            return ray.train.torch.prepare_model(model, move_to_device=False,
+                                                 parallel_strategy_kwargs={"broadcast_buffers": False})
         return model
 
     def latest_checkpoint(self):
