@@ -8,6 +8,7 @@ debugging); `workers=0` uses Ray Train's local mode.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -103,9 +104,11 @@ class RayTrainRuntime(Runtime):
         import ray.train.torch
         if self.world_size > 1:
             # the only buffers are the noise schedule's constants: broadcasting them from rank 0 at
-            # every forward would add a collective (a wait for the slower worker) to each step
-            return ray.train.torch.prepare_model(model, move_to_device=False,
-                                                 parallel_strategy_kwargs={"broadcast_buffers": False})
+            # every forward would add a collective (a wait for the slower worker) to each step.
+            # torch >= 2.13 names the switch forward_sync_buffers (broadcast_buffers is deprecated)
+            ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+            key = "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
+            return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={key: False})
         return model
 
     def latest_checkpoint(self):
