@@ -124,5 +124,6 @@ def main():
         two_part = "" if a.skip_ray or not two_workers else f"2 workers {o / two:.1f}x, "
         print(f"vs the original's {o:.0f} s epoch: {two_part}in-process 1 thread {o / local:.1f}x  (target >= 10)")
 
+
 if __name__ == "__main__":
     main()

@@ -95,9 +95,10 @@ class GTC(nn.Module):
         """Set the fixed tensors (features, normalised adjacency, item-item and user-user graphs)."""
         device = device or self.item_embedding.device
         # frozen inputs: with bf16 products they are stored in bf16 once (half the memory, and no
-        # per-step cast of the [I, 4096] visual features)
+        # per-step cast of the [I, 4096] visual features); converted in the copy to the device, so
+        # no float32 copy is made there first
         dtype = self.low_precision or torch.float32
-        self.features = {m: torch.as_tensor(features[m], dtype=torch.float32, device=device).to(dtype)
+        self.features = {m: torch.as_tensor(features[m], dtype=torch.float32).to(device, dtype)
                          for m in self.modalities}
         self.adj = SparseOperator(adj, device)
         use_ii = item_graph is not None and item_graph.nnz > 0 and len(self.modalities) > 0
