@@ -37,7 +37,7 @@ u, i = ds.split_pairs('train')
 m = GTC(ds.num_users, ds.num_items, {k: f.shape[1] for k, f in ds.features.items()}, cfg.model)
 m.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), g.item_item,
          sample_user_graph(g.user_user, 40, np.random.default_rng(0)))
-opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+opt = make_optimizer([p for p in m.parameters() if p.requires_grad], cfg)
 b = torch.arange(2048)
 out = m(torch.from_numpy(u[:2048].astype(np.int64)), torch.from_numpy(i[:2048].astype(np.int64)),
         torch.randint(0, ds.num_items, (2048,)), seed=0)
@@ -54,6 +54,7 @@ from gtc_ray.data.dataset import load_dataset
 from gtc_ray.data.prepare import build_graphs, prepare, train_matrix
 from gtc_ray.model.gtc import GTC
 from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
+from gtc_ray.train.loop import make_optimizer
 from gtc_ray.train.metrics import evaluate_sums
 cfg = Config(); D = {data!r}
 """

@@ -24,7 +24,7 @@ from gtc_ray.config import load_config  # noqa: E402
 from gtc_ray.data.dataset import load_dataset  # noqa: E402
 from gtc_ray.data.prepare import prepare  # noqa: E402
 from gtc_ray.model.propagation import sample_user_graph  # noqa: E402
-from gtc_ray.train.loop import build_model  # noqa: E402
+from gtc_ray.train.loop import build_model, make_optimizer  # noqa: E402
 
 
 def main():
@@ -54,7 +54,7 @@ def main():
     torch.manual_seed(0)
     ug = sample_user_graph(graphs.user_user, cfg.model.user_graph_k, np.random.default_rng(0))
     model = build_model(ds, cfg, graphs, ug, dev)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     rng = np.random.default_rng(0)
     B = cfg.train.batch_size
 

