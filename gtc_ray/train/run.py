@@ -57,6 +57,15 @@ class InProcessRuntime(Runtime):
             self.checkpoints.append(dest)
 
 
+def ddp_kwargs() -> dict:
+    """DistributedDataParallel options for GTC. The only buffers are the noise schedule's constants:
+    broadcasting them from rank 0 at every forward would add a collective (a wait for the slower
+    worker) to each step. torch >= 2.13 names the switch forward_sync_buffers (broadcast_buffers is
+    deprecated); older builds (2.11 on the GPU machine) only know broadcast_buffers."""
+    ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers": False}
+
+
 class RayTrainRuntime(Runtime):
     verbose = False  # progress is printed once, by ProgressCallback on the controller
 
@@ -103,12 +112,7 @@ class RayTrainRuntime(Runtime):
     def wrap(self, model):
         import ray.train.torch
         if self.world_size > 1:
-            # the only buffers are the noise schedule's constants: broadcasting them from rank 0 at
-            # every forward would add a collective (a wait for the slower worker) to each step.
-            # torch >= 2.13 names the switch forward_sync_buffers (broadcast_buffers is deprecated)
-            ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-            key = "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
-            return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={key: False})
+            return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs())
         return model
 
     def latest_checkpoint(self):
