@@ -167,6 +167,7 @@ def _ray_entry(config: dict) -> None:
 
 def run_ray(data, overrides, steps, storage: Path) -> dict:
     import json
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from gtc_ray.config import load_config
@@ -181,6 +182,7 @@ def run_ray(data, overrides, steps, storage: Path) -> dict:
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(storage_path=str(storage), name=name),
     ).fit()
+    ray.shutdown()  # its idle processes would otherwise run beside the next round's other cases
     return json.loads(out.read_text())
 
 
