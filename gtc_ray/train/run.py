@@ -190,7 +190,7 @@ def train_dataset(data_dir: Path):
     """Ray Data: read the interactions table and keep the training rows (sharded to workers by Train)."""
     import ray.data
     # a quarter CPU per Ray Data task: ingestion still runs when trainers hold most CPUs (RAY_NOTES P3)
-    return ray.data.read_parquet(str(data_dir / "interactions.parquet"), ray_remote_args={"num_cpus": 0.25}) \
+    return ray.data.read_parquet(str(data_dir / "interactions.parquet"), num_cpus=0.25) \
         .select_columns(["user", "item", "split"]).map_batches(_keep_train_rows, batch_format="numpy", num_cpus=0.25)
 
 
