@@ -1,6 +1,7 @@
 """Where the 2-worker speed-up goes: one training step measured five ways, side by side in one run.
 
     python bench/scaling.py DATA_DIR [--steps 8] [--rounds 1] [--original-epoch-seconds 436] [--set key=value ...]
+    python bench/scaling.py --preset baby --rounds 2 --original-epoch-seconds 436   # generates the Baby-sized set first
 
 Every process runs training's step (forward, backward, fused Adam) with one CPU thread, on random
 (user, positive, negative) batches of `train.batch_size / W` rows, after 2 warm-up steps:
@@ -232,16 +233,23 @@ def arithmetic(data, overrides) -> tuple[float, float, int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data")
+    ap.add_argument("data", nargs="?")
+    ap.add_argument("--preset", help="generate a synthetic dataset of this preset instead of DATA")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per case (after 2 warm-up steps)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the four cases, interleaved; medians")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--original-epoch-seconds", type=float)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args()
+    storage = Path(tempfile.mkdtemp(prefix="gtc-scaling-"))
+    if a.preset:
+        from gtc_ray.data.synth import synth
+        synth(storage / a.preset, a.preset, seed=0)
+        a.data = storage / a.preset
+    if a.data is None:
+        ap.error("give DATA_DIR or --preset")
     data = str(Path(a.data).resolve())
     ov = ["train.num_threads=1"] + a.overrides
-    storage = Path(tempfile.mkdtemp(prefix="gtc-scaling-"))
 
     flops, peak, spe = arithmetic(data, ov)
     cases = {"alone": [], "paired": [], "gloo, 2 ranks": [], "Ray, 2 workers": []}
