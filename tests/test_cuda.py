@@ -70,7 +70,7 @@ def _cpu_and_cuda(**kw):
     gpu, _ = _tiny_model(**kw)
     gpu.load_state_dict(model.state_dict())
     gpu.to(CUDA)
-    feats = {k: v.float().numpy() for k, v in model.features.items()}
+    feats = {k: v.float().numpy() for k, v in model.features.items()}  # bf16-stored under bf16
     gpu.attach(feats, model.adj.host, model.item_graph.host if model.item_graph else None,
                model.user_graph.host if model.user_graph else None, CUDA)
     return model, gpu, batch
