@@ -10,6 +10,8 @@ item graph and TC logits, users^2 for the user graph, users x items for the scor
 """
 
 import argparse
+import atexit
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +80,8 @@ def main():
     sys.path.insert(0, str(ROOT))
     from gtc_ray.data.synth import synth
     base = Path(a.keep or tempfile.mkdtemp(prefix="gtc-mem-"))
+    if not a.keep:
+        atexit.register(shutil.rmtree, base, True)
     print(f"{'preset':<10}{'phase':<20}{'peak MB':>10}{'MB/1k nodes':>13}{'seconds':>9}   dense alternative")
     for preset in a.presets:
         d = base / preset

@@ -10,6 +10,8 @@ the sampling is not (it is not what is measured). Threads: train.num_threads (1 
 """
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +44,7 @@ def main():
     if a.preset:
         from gtc_ray.data.synth import synth
         data = Path(tempfile.mkdtemp(prefix="gtc-prof-")) / a.preset
+        atexit.register(shutil.rmtree, data.parent, True)
         synth(data, a.preset, seed=0)
     if data is None:
         ap.error("give DATA_DIR or --preset")

@@ -26,9 +26,11 @@ With --rounds R the four timed cases run R times, interleaved; the medians are p
 """
 
 import argparse
+import atexit
 import math
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -242,6 +244,7 @@ def main():
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args()
     storage = Path(tempfile.mkdtemp(prefix="gtc-scaling-"))
+    atexit.register(shutil.rmtree, storage, True)
     if a.preset:
         from gtc_ray.data.synth import synth
         synth(storage / a.preset, a.preset, seed=0)

@@ -24,6 +24,8 @@ start-up (Ray, workers, process group) is printed separately as whole-run wall t
 """
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -64,6 +66,7 @@ def main():
     ap.add_argument("--original-epoch-seconds", type=float, help="the original code's epoch, for the ratio")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gtc-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # runs' checkpoints and a generated set: GBs over time
     data = a.data
     if a.preset:
         from gtc_ray.data.synth import synth
