@@ -39,7 +39,7 @@ u, i = ds.split_pairs('train')
 m = GTC(ds.num_users, ds.num_items, {k: f.shape[1] for k, f in ds.features.items()}, cfg.model)
 m.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), g.item_item,
          sample_user_graph(g.user_user, 40, np.random.default_rng(0)))
-opt = make_optimizer([p for p in m.parameters() if p.requires_grad], cfg)
+opt = make_optimizer(m.parameters(), cfg)
 b = torch.arange(2048)
 out = m(torch.from_numpy(u[:2048].astype(np.int64)), torch.from_numpy(i[:2048].astype(np.int64)),
         torch.randint(0, ds.num_items, (2048,)), seed=0)

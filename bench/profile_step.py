@@ -57,7 +57,7 @@ def main():
     torch.manual_seed(0)
     ug = sample_user_graph(graphs.user_user, cfg.model.user_graph_k, np.random.default_rng(0))
     model = build_model(ds, cfg, graphs, ug, dev)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    opt = make_optimizer(model.parameters(), cfg)
     rng = np.random.default_rng(0)
     B = cfg.train.batch_size
 

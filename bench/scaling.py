@@ -70,32 +70,39 @@ def _others_cpu(before: dict, after: dict, exclude: set[int]) -> tuple[float, li
     return sum(u[0] for u in used), sorted(used, reverse=True)
 
 
+def _setup(data: str, overrides: list[str]):
+    """What every measuring process builds, as training does: config, dataset, model (user graph
+    sampled once), fused Adam, and the training pairs (users, items)."""
+    import numpy as np
+    import torch
+    from gtc_ray.config import load_config
+    from gtc_ray.data.dataset import load_dataset
+    from gtc_ray.data.prepare import prepare
+    from gtc_ray.model.propagation import sample_user_graph
+    from gtc_ray.train.loop import build_model, make_optimizer
+    torch.set_num_threads(1)
+    cfg = load_config(overrides=overrides)
+    ds = load_dataset(data, verify=False)
+    graphs = prepare(ds, cfg.graph, log=lambda m: None)
+    torch.manual_seed(0)
+    model = build_model(ds, cfg, graphs, sample_user_graph(graphs.user_user, cfg.model.user_graph_k,
+                                                           np.random.default_rng(0)))
+    return cfg, ds, model, make_optimizer(model.parameters(), cfg), ds.split_pairs("train")
+
+
 def measure(rank: int, world: int, data: str, overrides: list[str], steps: int, sharded: bool) -> dict:
     """Build the model as training does and time `steps` steps. With sharded=True a default process
     group must exist (gloo from the caller, or Ray Train's)."""
     import numpy as np
     import torch
     import torch.distributed as dist
-    from gtc_ray.config import load_config
-    from gtc_ray.data.dataset import load_dataset
-    from gtc_ray.data.prepare import prepare
-    from gtc_ray.model.propagation import sample_user_graph
     from gtc_ray.model.sharding import ItemShard
-    from gtc_ray.train.loop import build_model, make_optimizer
     from gtc_ray.train.run import ddp_kwargs
-    torch.set_num_threads(1)
-    cfg = load_config(overrides=overrides)
-    ds = load_dataset(data, verify=False)
-    graphs = prepare(ds, cfg.graph, log=lambda m: None)
-    u, i = ds.split_pairs("train")
-    torch.manual_seed(0)
-    model = build_model(ds, cfg, graphs, sample_user_graph(graphs.user_user, cfg.model.user_graph_k,
-                                                            np.random.default_rng(0)))
+    cfg, ds, model, opt, (u, i) = _setup(data, overrides)
     net = model
     if sharded and world > 1:
         model.item_shard = ItemShard(rank, world, dist.new_group())
         net = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs())
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     rng = np.random.default_rng(rank)
     b = max(1, cfg.train.batch_size // world)
 
@@ -192,28 +199,17 @@ def run_ray(data, overrides, steps, storage: Path) -> dict:
 # ------------------------------------------------------------------ arithmetic
 
 def arithmetic(data, overrides) -> tuple[float, float, int]:
-    """(FLOPs of one whole step, s per step while counting is off, steps per epoch) and the rate of a
-    1024^3 float32 product on one thread (FLOP/s)."""
+    """(FLOPs of one whole step, the rate of a 1024^3 float32 product on one thread in FLOP/s,
+    steps per epoch)."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from gtc_ray.config import load_config
-    from gtc_ray.data.dataset import load_dataset
-    from gtc_ray.data.prepare import prepare
-    from gtc_ray.model.propagation import sample_user_graph
-    from gtc_ray.train.loop import build_model, make_optimizer
-    torch.set_num_threads(1)
-    cfg = load_config(overrides=overrides)
-    ds = load_dataset(data, verify=False)
-    graphs = prepare(ds, cfg.graph, log=lambda m: None)
-    u, i = ds.split_pairs("train")
-    model = build_model(ds, cfg, graphs, sample_user_graph(graphs.user_user, cfg.model.user_graph_k,
-                                                           np.random.default_rng(0)))
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    cfg, ds, model, opt, (u, i) = _setup(data, overrides)
     b = cfg.train.batch_size
     idx = np.random.default_rng(0).integers(0, len(u), b)
     batch = (torch.from_numpy(u[idx].astype(np.int64)), torch.from_numpy(i[idx].astype(np.int64)),
              torch.randint(0, ds.num_items, (b,)))
+
     def addmm_(self_shape, a_shape, b_shape, out_shape=None, **kw):  # in place: not in torch's table
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 

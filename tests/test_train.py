@@ -43,7 +43,7 @@ def test_fused_adam_steps_like_plain_adam():
     fused = make_optimizer(a, cfg)
     assert fused.defaults.get("fused")  # torch 2.13 has the fused CPU kernel: the fallback is not taken
     plain = torch.optim.Adam(b, lr=0.01, weight_decay=0.001, foreach=False)
-    for step in range(5):
+    for _ in range(5):
         g = [torch.randn_like(p) for p in a]
         for p, q, gi in zip(a, b, g):
             p.grad, q.grad = gi.clone(), gi.clone()
