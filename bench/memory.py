@@ -40,9 +40,9 @@ m = GTC(ds.num_users, ds.num_items, {k: f.shape[1] for k, f in ds.features.items
 m.attach(ds.features, bipartite_adjacency(u, i, ds.num_users, ds.num_items), g.item_item,
          sample_user_graph(g.user_user, 40, np.random.default_rng(0)))
 opt = make_optimizer(m.parameters(), cfg)
-b = torch.arange(2048)
-out = m(torch.from_numpy(u[:2048].astype(np.int64)), torch.from_numpy(i[:2048].astype(np.int64)),
-        torch.randint(0, ds.num_items, (2048,)), seed=0)
+b = min(2048, len(u))  # a catalogue smaller than one batch (tiny) takes all its rows
+out = m(torch.from_numpy(u[:b].astype(np.int64)), torch.from_numpy(i[:b].astype(np.int64)),
+        torch.randint(0, ds.num_items, (b,)), seed=0)
 out['loss'].backward(); opt.step()
 """,
 }
