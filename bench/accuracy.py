@@ -4,8 +4,10 @@
                              [--out results.json] [--set section.key=value ...]
 
 Runs the same training loop in-process (1 thread, no Ray) so several runs fit a 2-core machine;
-prints validation and test Recall@20 / NDCG@20 as mean +- std over seeds. Validation selects the
-epoch (early stopping, spec patience); test is evaluated once per run on that epoch.
+prints validation and test Recall@20 / NDCG@20 and the modality-balance score as mean +- std over
+seeds, with the evaluation protocol that produced them (the config's: the spec's by default).
+Validation selects the epoch (early stopping, spec patience); test is evaluated once per run on that
+epoch. Finished runs are kept in --out, so an interrupted study continues where it stopped.
 """
 
 import argparse
@@ -52,12 +54,17 @@ def main():
             s = run_training(a.data, cfg, runner="inprocess", storage=a.storage, name=name,
                              log=lambda m: print(f"[{key}] {m}", flush=True) if "epoch" in m and " 0 " not in m else None)
             results[key] = {"valid": s["valid"], "test": s["test"], "best_epoch": s["best_epoch"],
-                            "epochs": len(s["history"]), "seconds": time.perf_counter() - t0}
+                            "epochs": len(s["history"]), "seconds": time.perf_counter() - t0,
+                            "protocol": s["protocol"], "modality_balance": s.get("modality_balance")}
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(results, indent=1))
             print(f"[{key}] done: best epoch {s['best_epoch']}, valid R@20 {s['valid']['recall@20']:.4f}, "
                   f"test R@20 {s['test']['recall@20']:.4f} N@20 {s['test']['ndcg@20']:.4f}", flush=True)
-    print(f"\n{'variant':<14}{'runs':>5}{'valid R@20':>18}{'test R@20':>18}{'test N@20':>18}{'epochs':>10}")
+    protocols = {r["protocol"]["name"] for r in results.values() if "protocol" in r}
+    print(f"\nprotocol: {', '.join(sorted(protocols))}; seeds {a.seeds}; test evaluated once per run, at the best "
+          "validation epoch")
+    print(f"\n{'variant':<14}{'runs':>5}{'valid R@20':>18}{'test R@20':>18}{'test N@20':>18}{'balance':>16}"
+          f"{'epochs':>10}")
     for v in a.variants:
         rs = [results[f"{v}/{s}"] for s in a.seeds if f"{v}/{s}" in results]
         if not rs:
@@ -65,6 +72,7 @@ def main():
         ms = lambda xs: f"{statistics.mean(xs):.4f}±{statistics.pstdev(xs):.4f}"
         print(f"{v:<14}{len(rs):>5}{ms([r['valid']['recall@20'] for r in rs]):>18}"
               f"{ms([r['test']['recall@20'] for r in rs]):>18}{ms([r['test']['ndcg@20'] for r in rs]):>18}"
+              f"{(ms(bal) if (bal := [r['modality_balance'] for r in rs if r.get('modality_balance') is not None]) else '-'):>16}"
               f"{statistics.mean(r['epochs'] for r in rs):>10.0f}")
 
 

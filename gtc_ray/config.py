@@ -79,6 +79,8 @@ class TrainConfig:
     eval_every: int = 1
     num_threads: int = 1  # torch threads per worker (spec P12)
     checkpoint_every: int = 1
+    # checkpoints kept per run (the newest); each one carries the best-so-far weights as well
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -86,7 +88,10 @@ class EvalConfig:
     topk: list = field(default_factory=lambda: [5, 10, 20, 50])
     valid_metric: str = "recall@20"
     user_chunk: int = 1024  # users scored per block: memory ~ user_chunk x items
-    mask_valid_in_test: bool = True  # testing masks training AND validation items
+    # False (default): the spec's protocol (§8), as the original and published MMRec tables: test
+    # ranks all items with only the user's training items masked. True: the stricter protocol that
+    # also masks the user's validation items in test.
+    mask_valid_in_test: bool = False
 
 
 @dataclass
@@ -96,7 +101,12 @@ class RayConfig:
     object_store_memory: int = 1_000_000_000  # for the local Ray only
     workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # < 1 leaves room for Ray Data on small machines (RAY_NOTES P3)
+    # logical CPUs per Train worker; None (default): on the embedded local Ray, what leaves one CPU
+    # to Ray Data (RAY_NOTES P3) shared by the workers (at most 1); on a cluster, 1
+    cpus_per_worker: float | None = None
+    # worker-group restarts per run (Ray Train FailureConfig): a lost worker resumes from the
+    # latest checkpoint; 0 turns fault tolerance off
+    max_failures: int = 3
     storage_path: str = "gtc_runs"  # Ray Train storage (checkpoints); relative to the working dir
 
 
@@ -128,11 +138,11 @@ _POSITIVE = [
     "graph.knn_k", "graph.user_topk", "graph.chunk_rows", "model.embedding_size", "model.noise_steps",
     "model.beta_start", "model.beta_end", "model.tc_temperature", "model.user_graph_k", "train.lr",
     "train.epochs", "train.batch_size", "train.eval_every", "train.num_threads", "eval.user_chunk",
-    "ray.num_cpus", "ray.workers", "ray.cpus_per_worker", "train.checkpoint_every",
+    "ray.num_cpus", "ray.workers", "train.checkpoint_every", "train.keep_checkpoints",
 ]
 _NON_NEGATIVE = [
     "model.reg_weight", "model.diff_weight", "model.tc_weight", "train.weight_decay",
-    "train.patience", "model.n_layers", "graph.mm_image_weight",
+    "train.patience", "model.n_layers", "graph.mm_image_weight", "ray.max_failures",
 ]
 
 
@@ -156,6 +166,10 @@ def _check_ranges(cfg: Config) -> None:
         v = _get(cfg, k)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise GtcInputError(f"config key {k}", f"must be >= 0, got {v!r}", f"set {k} to a value >= 0")
+    cpw = cfg.ray.cpus_per_worker
+    if cpw is not None and not (isinstance(cpw, (int, float)) and math.isfinite(cpw) and cpw > 0):
+        raise GtcInputError("config key ray.cpus_per_worker", f"must be a positive number or null, got {cpw!r}",
+                            "set ray.cpus_per_worker to a value > 0, or null to size it automatically")
     m = cfg.model
     if not m.beta_start < m.beta_end < 1:
         raise GtcInputError("config keys model.beta_start/model.beta_end",

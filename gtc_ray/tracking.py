@@ -118,7 +118,8 @@ class TrainTracker:
     def start(cls, uri: str | None, name: str, cfg, ds, log=print) -> "TrainTracker":
         uri = resolve_tracking_uri(uri)
         c = client(uri)
-        run = c.create_run(experiment_id(c, uri), run_name=name, tags={**dataset_tags(ds), "gtc.kind": "train"})
+        run = c.create_run(experiment_id(c, uri), run_name=name,
+                           tags={**dataset_tags(ds), **protocol_tags(cfg), "gtc.kind": "train"})
         log_params(c, run.info.run_id, flatten(cfg.to_dict()))
         return cls(uri, run.info.run_id, c)
 
@@ -147,14 +148,32 @@ class TrainTracker:
             log_history(self.c, self.run_id, out["history"])
         final = {**{f"final_valid_{k}": v for k, v in out["valid"].items()},
                  **{f"test_{k}": v for k, v in out["test"].items()}, "best_epoch": out["best_epoch"]}
+        if out.get("modality_balance") is not None:
+            final["final_modality_balance"] = out["modality_balance"]
         self.c.log_batch(self.run_id, metrics=[__import__("mlflow").entities.Metric(k, v, 0, 0)
                                                for k, v in numeric_metrics(final).items()])
         self.c.set_tag(self.run_id, "gtc.checkpoint", out["checkpoint"])
         log_config_artifacts(self.c, self.run_id, cfg.to_dict(), out["history"])
         self.c.set_terminated(self.run_id, "FINISHED")
 
-    def fail(self) -> None:
-        self.c.set_terminated(self.run_id, "FAILED")
+    def end_after(self, error: BaseException) -> None:
+        """End the run after `error`: KILLED for Ctrl-C, FAILED for anything else (never RUNNING)."""
+        end_run_after(self.c, self.run_id, error)
+
+
+def end_run_after(c, run_id: str, error: BaseException) -> None:
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    try:
+        c.set_terminated(run_id, status)
+    except Exception as e:  # the store itself may be what failed: say so, keep the original error
+        print(f"warning: could not mark MLflow run {run_id} {status}: {e}")
+
+
+def protocol_tags(cfg) -> dict:
+    """The evaluation protocol as run tags, so every MLflow run says what produced its numbers."""
+    from gtc_ray.train.metrics import eval_protocol
+    p = eval_protocol(cfg)
+    return {"gtc.eval_protocol": p["name"], "gtc.eval_test_mask": p["test_mask"], "gtc.eval_selection": p["selection"]}
 
 
 def log_history(c, run_id: str, history: list[dict], step_key: str = "epoch") -> None:

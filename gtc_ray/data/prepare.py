@@ -84,8 +84,8 @@ def item_item_graph(features: dict[str, np.ndarray], cfg: GraphConfig) -> sp.csr
     w = modality_weights(cfg, list(features))
     n = next(iter(features.values())).shape[0] if features else 0
     out = sp.csr_matrix((n, n), dtype=np.float32)
-    for name, f in features.items():
-        out = out + w[name] * knn_graph(f, cfg.knn_k, cfg.chunk_rows)
+    for name in sorted(features):  # name order: the blend does not depend on the manifest's order
+        out = out + w[name] * knn_graph(features[name], cfg.knn_k, cfg.chunk_rows)
     out = sp.csr_matrix(out, dtype=np.float32)
     out.sort_indices()
     return out

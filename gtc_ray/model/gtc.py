@@ -36,10 +36,23 @@ from gtc_ray.model.total_correlation import total_correlation_loss
 LN2 = math.log(2.0)
 
 
+def gate_roles(modalities: list[str]) -> tuple[str, str]:
+    """Which of two modalities plays the original's visual (V) and which its text (T) role in the
+    as-written gate, by name: "text" is T and the other V; without a "text", name order. Never by
+    position in a manifest or on a command line (`--features text=... image=...` swaps nothing)."""
+    if len(modalities) != 2:
+        raise ValueError(f"the as-written gate needs exactly two modalities, got {modalities}")
+    if "text" in modalities:
+        return next(m for m in modalities if m != "text"), "text"
+    v, t = sorted(modalities)
+    return v, t
+
+
 def gate_as_written(e: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
     """The original's gate (spec §5.2 step 8, B7), exactly: raw dot products a1=<E,V>, a2=<E,T>,
     a3=<V,T>; w = softmax(a); E~ = E + w1 E + w2 V + w3 T. The weights do not line up with what they
-    weight, and that is deliberate: the published numbers came from it. Two modalities only."""
+    weight, and that is deliberate: the published numbers came from it. Two modalities, passed as
+    [V, T] (see gate_roles)."""
     v, t = xs
     a = torch.stack([(e * v).sum(-1), (e * t).sum(-1), (v * t).sum(-1)], dim=-1)
     w = torch.softmax(a, dim=-1)
@@ -59,7 +72,9 @@ class GTC(nn.Module):
         super().__init__()
         self.cfg, self.compat = cfg, compat or CompatConfig()
         self.num_users, self.num_items = num_users, num_items
-        self.modalities = list(feature_dims) if cfg.use_content else []
+        # canonical (name) order for everything built per modality: parameters, random draws, the
+        # TC's representations, the gate's roles; so the order a dataset lists them in changes nothing
+        self.modalities = sorted(feature_dims) if cfg.use_content else []
         M, d = len(self.modalities), cfg.embedding_size
         self.gate_mode = "off" if cfg.gate == "off" or M == 0 else (
             "as_written" if cfg.gate == "as_written" and M == 2 else "per_modality")
@@ -165,7 +180,8 @@ class GTC(nn.Module):
         shard = shard if train and shard is not None and shard.world > 1 else None
         xs, l_gen = self._filtered_content(generator, train, shard)
         if self.gate_mode == "as_written":
-            e_ref = gate_as_written(e, xs)
+            by_name = dict(zip(self.modalities, xs))
+            e_ref = gate_as_written(e, [by_name[m] for m in gate_roles(self.modalities)])
         elif self.gate_mode == "per_modality":
             e_ref = gate_per_modality(e, xs)
         else:

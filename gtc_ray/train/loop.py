@@ -38,7 +38,8 @@ from gtc_ray.data.prepare import prepare, train_matrix
 from gtc_ray.model.gtc import GTC
 from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
 from gtc_ray.train.checkpoint import load_file, read_meta
-from gtc_ray.train.metrics import evaluate_sums, sums_to_metrics
+from gtc_ray.train.metrics import (eval_protocol, evaluate_sums, modality_balance, representation_share_sums,
+                                   sums_to_metrics)
 
 LOSS_KEYS = ("loss", "bpr", "reg", "tc", "gen")
 
@@ -99,17 +100,30 @@ class Runtime:
     def latest_checkpoint(self) -> Path | None:
         return None
 
+    def release(self, checkpoint: Path) -> None:
+        """Done reading a checkpoint from latest_checkpoint() (a restored copy may be deleted)."""
+
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         raise NotImplementedError
 
 
 def _evaluate(model: GTC, rt: Runtime, users: np.ndarray, truth: sp.csr_matrix, mask: sp.csr_matrix,
-              cfg: Config, seed: int) -> dict:
+              cfg: Config, seed: int, balance: bool = False) -> dict:
+    """Metrics of one split, sharded by users across workers; with `balance`, also the
+    modality-balance score of these users' scores (metrics.modality_balance)."""
     zu, yi = model.eval_embeddings(seed)
     mine = users[rt.rank::rt.world_size]  # users sharded across workers
     sums, n = evaluate_sums(zu, yi, mine, truth, mask, cfg.eval.topk, cfg.eval.user_chunk)
-    packed = rt.all_reduce(torch.cat([sums.double(), torch.tensor([float(n)], dtype=torch.float64, device=sums.device)]))
-    return sums_to_metrics(packed[:-1], int(packed[-1].item()), cfg.eval.topk)
+    n_reps = 1 + len(model.modalities)
+    parts = [sums.double(), torch.tensor([float(n)], dtype=torch.float64, device=sums.device)]
+    if balance and n_reps > 1:
+        parts.append(representation_share_sums(zu, yi, mine, n_reps, cfg.eval.user_chunk))
+    packed = rt.all_reduce(torch.cat(parts))
+    k = len(sums)
+    out = sums_to_metrics(packed[:k], int(packed[k].item()), cfg.eval.topk)
+    if len(packed) > k + 1:
+        out["modality_balance"] = modality_balance(packed[k + 1:])
+    return out
 
 
 def _split_csr(ds, name: str) -> sp.csr_matrix:
@@ -117,9 +131,10 @@ def _split_csr(ds, name: str) -> sp.csr_matrix:
     return train_matrix(u, i, ds.num_users, ds.num_items)
 
 
-def eval_targets(ds, mask_valid_in_test: bool = True) -> tuple[sp.csr_matrix, dict]:
-    """The training matrix and, per split, (users to rank, their true items, items to mask): the
-    training items are masked, and for the test split the validation items too (spec §8)."""
+def eval_targets(ds, mask_valid_in_test: bool = False) -> tuple[sp.csr_matrix, dict]:
+    """The training matrix and, per split, (users to rank, their true items, items to mask). The
+    spec's protocol (§8, the default) masks the user's training items in both splits; the stricter
+    `mask_valid_in_test` also masks the validation items in test."""
     seen = _split_csr(ds, "train")
     valid = _split_csr(ds, "valid")
     test_mask = (seen + valid).tocsr() if mask_valid_in_test else seen
@@ -166,6 +181,10 @@ def train_loop(config: dict, rt: Runtime) -> None:
 
     # 2. restore
     start_epoch, best, best_epoch, bad, history, best_state = 0, -math.inf, -1, 0, [], None
+    # compat's stale evaluation (B5): the embeddings that selection scored at the best epoch; the
+    # final report scores exactly these, not a fresh forward of the best weights
+    stale = cfg.compat.stale_eval
+    best_eval = None
     ck = rt.latest_checkpoint()
     if ck is not None:
         meta = read_meta(ck)
@@ -179,6 +198,10 @@ def train_loop(config: dict, rt: Runtime) -> None:
             start_epoch = meta["epoch"] + 1
         best, best_epoch, bad, history = meta["best"], meta["best_epoch"], meta["bad"], meta["history"]
         best_state = load_file(ck, "best_model.pt", meta, rt.device) if "best_model.pt" in meta["hashes"] else None
+        for f in ("best_eval.pt", "eval_embeddings.pt"):
+            if f in meta["hashes"]:
+                best_eval = tuple(load_file(ck, f, meta, rt.device)[k] for k in ("users", "items"))
+        rt.release(ck)
         log(f"resumed from {ck} at epoch {start_epoch}")
     # the full-item work split by item rows (all ranks: new_group is collective)
     model.item_shard = rt.item_shard() if cfg.train.shard_item_work else None
@@ -234,12 +257,16 @@ def train_loop(config: dict, rt: Runtime) -> None:
         ddp.eval()
         rec = {"epoch": epoch, **{f"train_{k}": float(v) for k, v in zip(LOSS_KEYS, losses)}}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            vm = _evaluate(model, rt, *targets["valid"], cfg, derive_seed(seed, "eval"))
+            vm = _evaluate(model, rt, *targets["valid"], cfg, derive_seed(seed, "eval"), balance=True)
+            if "modality_balance" in vm:
+                rec["modality_balance"] = vm.pop("modality_balance")
             rec.update({f"valid_{k}": v for k, v in vm.items()})
             # 6. early stopping: strict improvement resets the counter
             if vm[metric] > best:
                 best, best_epoch, bad = vm[metric], epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if stale:
+                    best_eval = tuple(t.clone() for t in model.eval_embeddings(derive_seed(seed, "eval")))
             else:
                 bad += 1
             stop = bad > cfg.train.patience
@@ -252,35 +279,50 @@ def train_loop(config: dict, rt: Runtime) -> None:
         log(_progress_line(rec, metric))
         # 7. report (every rank) + checkpoint (rank 0)
         meta = {"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
-                "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": False}
-        rt.report(rec, _write_ckpt(rt, model.state_dict(), opt.state_dict(), best_state, meta)
+                "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": False,
+                "protocol": eval_protocol(cfg)}
+        extra = {"best_model.pt": best_state} if best_state is not None else {}
+        if best_eval is not None:
+            extra["best_eval.pt"] = {"users": best_eval[0], "items": best_eval[1]}
+        rt.report(rec, _write_ckpt(rt, model.state_dict(), opt.state_dict(), extra, meta)
                   if epoch % cfg.train.checkpoint_every == 0 or stop else None)
         if stop:
             break
 
-    # 8. test once, on the best-validation weights
+    # 8. test once, on exactly the state that selection saw: the best-validation weights (model.pt
+    # of a finished run already holds them), the user graph sampled for that epoch (also when a
+    # finished run is resumed or its worker restarted after the last report) and, in compat mode,
+    # the stale embeddings that were scored
     if best_state is not None:
         model.load_state_dict(best_state)
-        # the user graph sampled for the best epoch, so that the final valid metrics equal the best ones
+    if best_epoch >= 0:
         model.set_user_graph(sample_user_graph(graphs.user_user, cfg.model.user_graph_k,
                                                np.random.default_rng(derive_seed(seed, best_epoch, "ug"))), rt.device)
+    if stale:
+        model._eval_cache = best_eval
     t2 = time.perf_counter()
     model.eval()
-    vfinal = _evaluate(model, rt, *targets["valid"], cfg, derive_seed(seed, "eval"))
+    vfinal = _evaluate(model, rt, *targets["valid"], cfg, derive_seed(seed, "eval"), balance=True)
+    balance = vfinal.pop("modality_balance", None)
     # Tune trials skip the test split: only the selected trial is tested, once, by the search driver
     tm = _evaluate(model, rt, *targets["test"], cfg, derive_seed(seed, "eval")) \
         if config.get("evaluate_test", True) else {}
     rec = {"epoch": history[-1]["epoch"] if history else -1, "final": True,
            **{f"valid_{k}": v for k, v in vfinal.items()}, **{f"test_{k}": v for k, v in tm.items()},
            "best_valid": best, "best_epoch": best_epoch, "test_seconds": time.perf_counter() - t2}
+    if balance is not None:
+        rec["modality_balance"] = balance
     log(_progress_line(rec, metric))
     meta = {"epoch": rec["epoch"], "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
             "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": True,
-            "valid": vfinal, "test": tm}
-    rt.report(rec, _write_ckpt(rt, model.state_dict(), None, None, meta))
+            "valid": vfinal, "test": tm, "protocol": eval_protocol(cfg)}
+    if balance is not None:
+        meta["modality_balance"] = balance
+    extra = {"eval_embeddings.pt": {"users": best_eval[0], "items": best_eval[1]}} if stale and best_eval else {}
+    rt.report(rec, _write_ckpt(rt, model.state_dict(), None, extra, meta))
 
 
-def _write_ckpt(rt: Runtime, model_state, optim_state, best_state, meta) -> Path | None:
+def _write_ckpt(rt: Runtime, model_state, optim_state, extra: dict, meta) -> Path | None:
     if rt.rank != 0:
         return None
     from gtc_ray.train.checkpoint import save_checkpoint
@@ -288,11 +330,11 @@ def _write_ckpt(rt: Runtime, model_state, optim_state, best_state, meta) -> Path
     stage = getattr(rt, "stage_dir", None)
     if stage is not None:  # persistent staging (Ray Train local mode keeps the directory it is given)
         Path(stage).mkdir(parents=True, exist_ok=True)
-        d = Path(tempfile.mkdtemp(prefix="checkpoint_", dir=stage)) / "checkpoint"
+        # time-ordered names: the runtime keeps the newest train.keep_checkpoints
+        d = Path(tempfile.mkdtemp(prefix=f"checkpoint_{time.time_ns():020d}_", dir=stage)) / "checkpoint"
     else:
         d = Path(tempfile.mkdtemp(prefix="gtc-ckpt-")) / "checkpoint"
-    extra = {"best_model.pt": best_state} if best_state is not None else None
-    return save_checkpoint(d, model_state, meta, optim_state, extra)
+    return save_checkpoint(d, model_state, meta, optim_state, extra or None)
 
 
 def _progress_line(rec: dict, metric: str) -> str:
@@ -300,9 +342,12 @@ def _progress_line(rec: dict, metric: str) -> str:
         return f"final: best epoch {rec['best_epoch']}, valid {metric} {rec.get(f'valid_{metric}', float('nan')):.4f}"
     if rec.get("final"):
         return (f"test on best epoch {rec['best_epoch']}: recall@20={rec.get('test_recall@20', float('nan')):.4f}, "
-                f"ndcg@20={rec.get('test_ndcg@20', float('nan')):.4f}")
+                f"ndcg@20={rec.get('test_ndcg@20', float('nan')):.4f}"
+                + (f", modality balance {rec['modality_balance']:.3f}" if "modality_balance" in rec else ""))
     s = (f"epoch {rec['epoch']:4d}  loss {rec['train_loss']:.4f} (bpr {rec['train_bpr']:.4f} tc {rec['train_tc']:.4f} "
          f"gen {rec['train_gen']:.4f} reg {rec['train_reg']:.5f})")
     if f"valid_{metric}" in rec:
         s += f"  valid {metric} {rec[f'valid_{metric}']:.4f} ndcg@20 {rec.get('valid_ndcg@20', float('nan')):.4f}"
+    if "modality_balance" in rec:
+        s += f" balance {rec['modality_balance']:.3f}"
     return s + f"  [{rec['train_seconds']:.1f}s train, {rec['eval_seconds']:.1f}s eval]"

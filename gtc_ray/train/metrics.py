@@ -72,6 +72,46 @@ def evaluate_sums(user_emb: torch.Tensor, item_emb: torch.Tensor, users: np.ndar
     return sums, len(users)
 
 
+def representation_share_sums(user_emb: torch.Tensor, item_emb: torch.Tensor, users: np.ndarray, n_reps: int,
+                              chunk: int = 1024) -> torch.Tensor:
+    """Sum over `users` x all items of |<z_u^r, y_i^r>| for each of the `n_reps` representations whose
+    d-wide blocks, concatenated, make up the final embeddings (score = sum over r of the blocks'
+    dot products). [n_reps] float64; shards add up."""
+    device = user_emb.device
+    d = user_emb.shape[1] // n_reps
+    out = torch.zeros(n_reps, dtype=torch.float64, device=device)
+    for s in range(0, len(users), chunk):
+        zu = user_emb[torch.from_numpy(users[s:s + chunk].astype(np.int64)).to(device)]
+        for r in range(n_reps):
+            out[r] += (zu[:, r * d:(r + 1) * d] @ item_emb[:, r * d:(r + 1) * d].T).abs().sum().double()
+    return out
+
+
+def modality_balance(share_sums) -> float:
+    """Modality-balance score: the normalised entropy of the representations' shares of the user-item
+    scores. With c_r = mean over (user, item) of |<z_u^r, y_i^r>| for each of the R = 1 + M
+    representations (ID and each modality) and p_r = c_r / sum_r c_r, it is -sum_r p_r ln p_r / ln R:
+    1 when every representation contributes equally to the scores, 0 when one alone does. NaN for
+    R = 1 (ID only: nothing to balance)."""
+    c = np.asarray(share_sums.cpu() if hasattr(share_sums, "cpu") else share_sums, dtype=np.float64)
+    if len(c) < 2 or c.sum() <= 0:
+        return float("nan")
+    p = c / c.sum()
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / np.log(len(c)))
+
+
+def eval_protocol(cfg) -> dict:
+    """What produced a set of metrics: recorded with every metrics file, MLflow run and table."""
+    strict = bool(cfg.eval.mask_valid_in_test)
+    return {"name": "strict" if strict else "spec",
+            "ranking": "full ranking over all items",
+            "test_mask": "training and validation items" if strict else "training items (spec section 8)",
+            "valid_mask": "training items",
+            "selection": f"early stopping on validation {cfg.eval.valid_metric}; test evaluated once",
+            "seed": cfg.train.seed}
+
+
 def sums_to_metrics(sums, count: int, topk: list[int]) -> dict[str, float]:
     vals = (np.asarray(sums.cpu() if hasattr(sums, "cpu") else sums, dtype=np.float64) / max(count, 1))
     return {name: float(v) for name, v in zip(metric_names(topk), vals)}
