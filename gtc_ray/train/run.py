@@ -366,7 +366,7 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
                 callbacks.append(tracker.train_callback())
             trainer = build_trainer(data_dir, cfg, loop_cfg, workers=workers, use_gpu=use_gpu, name=name,
                                     storage_path=storage_path, callbacks=callbacks)
-            result = trainer.fit()
+            result = fit_interruptibly(trainer)
             if result.error:
                 raise result.error
             ckpt = Path(result.checkpoint.path)
@@ -386,7 +386,46 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     except BaseException as e:
         if tracker is not None:
             tracker.end_after(e)
+        if isinstance(e, KeyboardInterrupt):
+            log(f"\ninterrupted; continue the run with: gtc-ray train {data_dir} --name {name} --resume"
+                + (f" --storage {storage_path}" if storage else ""))
         raise
+
+
+def fit_interruptibly(trainer):
+    """trainer.fit(), with Ctrl-C as a KeyboardInterrupt. Ray Train's fit() installs a SIGINT handler
+    that aborts the run and then either raises the controller's death (RayActorError) or calls
+    sys.exit(0), and leaves that handler installed; here any SIGINT during fit() ends in
+    KeyboardInterrupt (exit 130, MLflow run KILLED) and the previous handler is restored."""
+    import signal
+    import threading
+    main = threading.current_thread() is threading.main_thread()
+    seen: list[int] = []
+    prev = signal.getsignal(signal.SIGINT) if main else None
+    register = getattr(trainer, "_register_sigint_handler", None)  # Ray 2.60's hook; absent: plain fit
+    if main and register is not None:
+        def register_and_watch(controller):
+            register(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                seen.append(signum)
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+            signal.signal(signal.SIGINT, on_sigint)
+        trainer._register_sigint_handler = register_and_watch
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        if seen:
+            raise KeyboardInterrupt from e
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, prev)
+    if seen:
+        raise KeyboardInterrupt
+    return result
 
 
 def format_table(summary: dict, topk=(5, 10, 20, 50)) -> str:
