@@ -181,14 +181,15 @@ def run_ray(data, overrides, steps, storage: Path) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from gtc_ray.config import load_config
-    from gtc_ray.train.run import ensure_ray
+    from gtc_ray.train.run import ensure_ray, resolve_cpus_per_worker
     cfg = load_config(overrides=overrides)
     ensure_ray(cfg, log=lambda m: None, workers=2)
+    cpw = resolve_cpus_per_worker(cfg, 2)
     name = f"scaling-{time.time_ns()}"
     out = storage / f"{name}.json"
     TorchTrainer(
         _ray_entry, train_loop_config={"data": data, "overrides": overrides, "steps": steps, "out": str(out)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": cpw}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(storage_path=str(storage), name=name),
     ).fit()
