@@ -50,7 +50,9 @@ CASES = [
     ("negative learning rate", lambda e: ["train", e["data"], "--set", "train.lr=-0.1"], "positive"),
     ("knn k larger than items", lambda e: ["train", e["data"], "--set", "eval.topk=[5, 10, 20]", "--set", "graph.knn_k=1000"],
      "exceeds the 40 items"),
-    ("top-k larger than items", lambda e: ["train", e["data"], "--set", "graph.knn_k=5"], "K=50 exceeds"),
+    # a cut-off beyond the catalogue is dropped with a note (tests/test_train.py), but not the one selection uses
+    ("valid metric's K larger than items", lambda e: ["train", e["data"], "--set", "graph.knn_k=5", "--set",
+     "eval.valid_metric=recall@50"], "recall@50 needs more than the 40 items"),
     ("not a dataset", lambda e: ["train", str(e["tmp"] / "work")], "no manifest.json"),
     ("resume without name", lambda e: ["train", e["data"], "--resume", *TINY_SETS], "needs the --name"),
     ("missing config file", lambda e: ["train", e["data"], "--config", "nope.yaml"], "does not exist"),
