@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gtc_ray import tracking
+from gtc_ray.config import config_from_dict
 from gtc_ray.errors import GtcInputError
 
 SERVING = Path(__file__).with_name("serving.py")
@@ -118,6 +119,7 @@ def register(*, name: str, search: str | None = None, checkpoint: str | None = N
                 signature=_signature(), input_example=example, pip_requirements=PIP_REQUIREMENTS)
     tags = {"gtc.source_run": src["run_id"], "gtc.checkpoint": src["checkpoint"], "gtc.checkpoint_sha": sha,
             "gtc.dataset_hash": info["dataset"],
+            **tracking.protocol_tags(config_from_dict(info["meta"]["config"])),
             **{f"valid.{tracking.metric_key(k)}": f"{v:.6f}" for k, v in src["valid"].items()},
             **{f"test.{tracking.metric_key(k)}": f"{v:.6f}" for k, v in src["test"].items()}}
     # the version is created with its tags in one call: no half-described version is ever visible
