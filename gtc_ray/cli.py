@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = dsub.add_parser("import-mmrec", help="import an MMRec folder (<name>.inter + <modality>_feat.npy)")
     m.add_argument("src", help="MMRec dataset folder")
     m.add_argument("out", help="output dataset directory")
+    m.add_argument("--dedup", action="store_true", help="keep the first row of duplicate (user, item) pairs")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     g = dsub.add_parser("import", help="import raw interaction and feature tables (Parquet, CSV or TSV)")
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the named run from its latest checkpoint")
     tr.add_argument("--metrics-out", metavar="FILE", help="write final valid/test metrics and checkpoint as JSON")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    tr.add_argument("--max-failures", type=int, metavar="N",
+                    help="worker-group restarts before the run fails (ray.max_failures, default 3; 0 = none)")
     tr.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
 
     tu = sub.add_parser("tune", help="hyper-parameter search with Ray Tune (ASHA), every trial logged to MLflow")
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--gpu", action="store_true", help="one GPU per worker")
     tu.add_argument("--storage", help="directory for search state and checkpoints (ray.storage_path)")
     tu.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    tu.add_argument("--max-failures", type=int, metavar="N",
+                    help="restarts of each trial's workers before the trial fails (ray.max_failures, default 3)")
 
     rg = sub.add_parser("register", help="export a trained model as an MLflow pyfunc and register it")
     rg.add_argument("--search", help="register the best trial of this search (its search.json)")
@@ -171,7 +176,7 @@ def _cmd_data(a) -> int:
         man = synth.synth(a.out, a.preset, a.seed, overwrite=a.overwrite, users=a.users, items=a.items,
                           interactions=a.interactions)
     elif a.data_verb == "import-mmrec":
-        man = importers.import_mmrec(a.src, a.out, overwrite=a.overwrite, log=_log)
+        man = importers.import_mmrec(a.src, a.out, overwrite=a.overwrite, dedup=a.dedup, log=_log)
     elif a.data_verb == "import":
         feats = {}
         for f in a.features:
@@ -246,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gtc-ray: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if a.debug:
+            raise
+        print("gtc-ray: interrupted", file=sys.stderr)
+        return 130
     parser.error(f"unknown verb {a.verb}")
     return 2
 

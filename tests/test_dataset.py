@@ -52,10 +52,33 @@ def test_synth_presets_scale():
     assert (PRESETS["clothing"].users, PRESETS["clothing"].items) == (39_387, 23_033)
     ds = generate(SynthSpec(2_000, 500, 30_000, clusters=10, modalities=(("image", 16),)), seed=1)
     assert abs(len(ds.users) - 30_000) / 30_000 < 0.1  # close to the requested size
-    # planted structure: items of the same cluster have more similar features than random pairs
     f = ds.features["image"] / np.linalg.norm(ds.features["image"], axis=1, keepdims=True)
+    assert (f @ f.T).mean() < 0.5  # not one shared direction
+
+
+def _co_consumed_margin(ds, feats):
+    """Mean feature cosine of the 10% most co-consumed item pairs (cosine of their user columns)
+    minus that of all item pairs."""
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     sims = f @ f.T
-    assert sims.mean() < 0.5
+    x = np.zeros((ds.num_users, ds.num_items), np.float32)
+    x[ds.users, ds.items] = 1
+    co = x.T @ x
+    co = co / np.sqrt(np.outer(np.diag(co), np.diag(co)))
+    off = ~np.eye(ds.num_items, dtype=bool)
+    top = off & (co >= np.quantile(co[off], 0.9))
+    return sims[top].mean() - sims[off].mean()
+
+
+def test_synth_features_carry_the_planted_clusters():
+    # users prefer a few clusters, so co-consumed items share a cluster more often than random
+    # pairs; features that carry the cluster (and only those) are then more similar for them.
+    # Fails if the features ignore the item latent or its cluster, or sit on randomly wrong items.
+    ds = generate(SynthSpec(400, 200, 6_000, clusters=8, modalities=(("image", 16), ("text", 8))), seed=1)
+    for name, feats in ds.features.items():
+        margin = _co_consumed_margin(ds, feats)
+        shuffled = _co_consumed_margin(ds, feats[np.random.default_rng(0).permutation(ds.num_items)])
+        assert margin > 0.15 and abs(shuffled) < 0.05, (name, margin, shuffled)  # random rows: no margin
 
 
 def test_synth_is_seeded(tmp_path):
@@ -103,11 +126,16 @@ def test_split_rule_matches_spec():
 
 
 def test_kcore_iterates():
-    # item 9 has 5 users but user 4 has only 1 row: removing user 4 drops item 9 below 5
-    u = np.array([0, 1, 2, 3, 4] + [0, 1, 2, 3] * 5)
-    i = np.array([9, 9, 9, 9, 9] + [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4)
-    keep = kcore(u, i, 5)
-    assert not keep[4] and keep.sum() < len(u)
+    # k=2: a 2x2 block (rows 0-3) survives; the tail (rows 4-7) unravels one row per pass:
+    # item 3 has 1 row -> drop row 7; then user 3 has 1 -> row 6; then item 2 has 1 -> row 4;
+    # then user 2 has 1 -> row 5. One pass (or two) would keep some of rows 4-6.
+    u = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    i = np.array([0, 1, 0, 1, 2, 0, 2, 3])
+    np.testing.assert_array_equal(kcore(u, i, 2), [True] * 4 + [False] * 4)
+    # adding the missing row for item 3 makes the whole tail a 2-core: nothing is dropped
+    u2, i2 = np.r_[u, 2], np.r_[i, 3]
+    assert kcore(u2, i2, 2).all()
+    assert kcore(u, i, 1).all()
 
 
 def _write_tables(tmp_path, dup=False, missing_feat=False, with_ts=True):
@@ -157,15 +185,15 @@ def _bad_cases():
 
     def duplicate_pairs(t):
         return make_mmrec(t / "src", users=[0, 0, 0, 0, 1, 1, 1], items=[0, 0, 1, 2, 0, 1, 2],
-                          labels=[0, 0, 1, 2, 0, 1, 2], feats={"image": np.ones((3, 2))}), "duplicate (user, item) pairs"
+                          labels=[0, 0, 1, 2, 0, 1, 2], feats={"image": np.ones((3, 2))}), "pass --dedup to `gtc-ray data import-mmrec`"
 
     def nan_feature(t):
         f = np.ones((8, 3)); f[2, 1] = np.nan
-        return make_mmrec(t / "src", feats={"image": f}), "NaN or infinite"
+        return make_mmrec(t / "src", feats={"image": f}), "image_feat.npy: 1 of 8 rows contain NaN or infinite values (first bad item row 2)"
 
     def inf_feature(t):
         f = np.ones((8, 3)); f[5, 0] = np.inf
-        return make_mmrec(t / "src", feats={"text": f}), "NaN or infinite"
+        return make_mmrec(t / "src", feats={"text": f}), "text_feat.npy: 1 of 8 rows contain NaN or infinite values (first bad item row 5)"
 
     def empty_test_split(t):
         return make_mmrec(t / "src", users=[0, 0, 1, 1], items=[0, 1, 0, 1], labels=[0, 1, 0, 1],
@@ -201,6 +229,38 @@ def test_bad_mmrec_input_is_rejected_and_nothing_written(case, tmp_path):
     assert "Fix:" in str(e.value)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_mmrec_nan_feature_names_the_input_file_cli(tmp_path, capsys):
+    # the error must name the user's .npy, not the not-yet-written <out>/features/text
+    f = np.ones((8, 4)); f[3, 1] = np.nan; f[6, 0] = -np.inf
+    src = make_mmrec(tmp_path / "src", feats={"image": np.ones((8, 3)), "text": f})
+    out = tmp_path / "out"
+    assert main(["data", "import-mmrec", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src / 'text_feat.npy'}: 2 of 8 rows contain NaN or infinite values (first bad item row 3)" in err, err
+    assert "Fix:" in err and "features/text" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written, no temp dir
+
+
+def test_mmrec_duplicates_cli_and_dedup(tmp_path, capsys):
+    # rows 0 and 2 are the same (user 0, item 0): row 0 (split 0, timestamp 1000) must be kept
+    users, items = [0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 0, 2, 0, 1, 2, 1]
+    labels = [0, 1, 2, 2, 0, 1, 2, 0]
+    src = make_mmrec(tmp_path / "src", users=users, items=items, labels=labels, feats={"image": np.ones((3, 2))})
+    out = tmp_path / "out"
+    assert main(["data", "import-mmrec", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "toy.inter: 2 duplicate (user, item) pairs" in err and "pass --dedup" in err, err
+    assert "generic importer" not in err and not out.exists()
+    assert main(["data", "import-mmrec", str(src), str(out), "--dedup"]) == 0
+    ds = load_dataset(out)
+    assert len(ds.users) == 6 and ds.manifest["num_interactions"] == 6
+    got = sorted(zip(ds.users.tolist(), ds.items.tolist(), ds.split.tolist(), ds.timestamps.tolist()))
+    assert got == [(0, 0, 0, 1000), (0, 1, 1, 1001), (0, 2, 2, 1003),
+                   (1, 0, 0, 1004), (1, 1, 1, 1005), (1, 2, 2, 1006)]  # first row of each pair, file order
+    prov = ds.manifest["provenance"]
+    assert prov["dedup"] is True and prov["dropped_duplicate_rows"] == 2
 
 
 @pytest.mark.parametrize("kind, needle", [

@@ -296,13 +296,60 @@ def test_loss_components_add_up_and_inputs_are_not_mutated():
     assert out2["loss"].item() == pytest.approx(out["loss"].item(), rel=1e-6)  # seeded
 
 
+def _twin_models(compat_a, compat_b, **cfg):
+    """Two tiny models with the same weights, differing only in compat."""
+    a, batch = _tiny_model(compat=compat_a, **cfg)
+    b, _ = _tiny_model(compat=compat_b, **cfg)
+    b.load_state_dict(a.state_dict())
+    return a, b, batch
+
+
 def test_bpr_is_stable_and_equal_to_log2_form():
-    x = torch.tensor([-200.0, -3.0, 0.0, 4.0])
-    stable = -F.logsigmoid(x) / math.log(2)
-    assert torch.isfinite(stable).all()
-    naive = -torch.log2(torch.sigmoid(x))
-    assert not torch.isfinite(naive[0])  # what B6 does
-    torch.testing.assert_close(stable[1:], naive[1:])
+    # through GTC.calculate_loss: compat.unstable_bpr (B6, -log2 sigmoid) vs the default stable form
+    unstable, stable, (u, p, n) = _twin_models(CompatConfig(unstable_bpr=True), CompatConfig())
+    # moderate scores: the two forms agree
+    bu, bs = unstable(u, p, n, seed=2)["bpr"], stable(u, p, n, seed=2)["bpr"]
+    assert torch.isfinite(bs) and bu.item() == pytest.approx(bs.item(), rel=1e-6, abs=1e-6)
+    # huge negative margins: put each triple's better-scored item as the negative, then scale the
+    # user weights (which multiply every user embedding, so diff scales linearly) until diff << -104
+    gen = torch.Generator().manual_seed(2)
+    out = stable.embed(gen, train=True, user_rows=u)
+    diff = ((out["users"] * out["items"][p]).sum(-1) - (out["users"] * out["items"][n]).sum(-1)).detach()
+    p2, n2 = torch.where(diff > 0, n, p), torch.where(diff > 0, p, n)
+    scale = 1000.0 / diff.abs().min().item()
+    with torch.no_grad():
+        for m in (unstable, stable):
+            m.weight_u.mul_(scale)
+    bu, bs = unstable(u, p2, n2, seed=2)["bpr"], stable(u, p2, n2, seed=2)["bpr"]
+    assert torch.isinf(bu)  # what B6 does: sigmoid underflows to 0
+    want = (diff.abs() * scale).mean().item() / math.log(2)  # -log2 sigmoid(x) -> -x / ln 2
+    assert torch.isfinite(bs) and bs.item() == pytest.approx(want, rel=1e-3)
+
+
+def test_user_rows_path_equals_the_full_user_path():
+    model, (u, p, n) = _tiny_model()
+    # a non-uniform user-user graph, so taking the wrong rows of G would show
+    model.set_user_graph(sp.random(9, 9, density=0.4, random_state=1, format="csr", dtype=np.float32))
+    rows = torch.tensor([3, 0, 3, 8, 1, 3])  # repeats, unsorted
+    full = model.embed(torch.Generator().manual_seed(4), train=True)
+    part = model.embed(torch.Generator().manual_seed(4), train=True, user_rows=rows)
+    torch.testing.assert_close(part["users"], full["users"][rows], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(part["items"], full["items"], rtol=0, atol=0)
+    # calculate_loss: compat.stale_eval takes the full path, the default the per-batch one
+    stale, fresh, _ = _twin_models(CompatConfig(stale_eval=True), CompatConfig())
+    g = sp.random(9, 9, density=0.4, random_state=2, format="csr", dtype=np.float32)
+    stale.set_user_graph(g); fresh.set_user_graph(g)
+    a, b = stale(u, p, n, seed=6), fresh(u, p, n, seed=6)
+    for k in ("bpr", "reg", "loss"):
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-6, abs=1e-6), k
+
+
+def _item_id_block(model):
+    """What the first d item columns are when the refined embedding E~ is the raw E_id."""
+    U = model.num_users
+    x = F.normalize(torch.cat([model.preferences[0], model.item_embedding], 0), dim=-1)
+    y = propagate(model.adj, x, model.cfg.n_layers)[U:]
+    return y + spmm(model.item_graph, y) if model.item_graph is not None else y
 
 
 def test_ablations_and_n_modalities_run():
@@ -312,13 +359,38 @@ def test_ablations_and_n_modalities_run():
         out = model(u, p, n, seed=0)
         out["loss"].backward()
         assert torch.isfinite(out["loss"]), kw
+    # each ablation really removes its part (the full model has tc > 0 and gen > 0, see above)
+    model, (u, p, n) = _tiny_model(use_tc=False)
+    assert model(u, p, n, seed=0)["tc"].item() == 0.0 and not hasattr(model, "logit_scale")
+    model, (u, p, n) = _tiny_model(use_diffusion=False)
+    assert model(u, p, n, seed=0)["gen"].item() == 0.0
+    assert not any(k.startswith("denoisers.") for k, _ in model.named_parameters())
+    # gate off: E~ = E_id, so the ID block ignores the projections; with the gate on it does not
+    for gate, is_raw in (("off", True), ("as_written", False), ("per_modality", False)):
+        model, _ = _tiny_model(gate=gate)
+        assert (model.gate_mode == "off") == is_raw, gate
+        d = model.cfg.embedding_size
+        with torch.no_grad():
+            before = model.embed(torch.Generator().manual_seed(0), train=False)["items"]
+            for proj in model.projections.values():
+                proj.weight.mul_(5.0); proj.bias.add_(1.0)
+            after = model.embed(torch.Generator().manual_seed(0), train=False)["items"]
+            assert not torch.equal(before[:, d:], after[:, d:])  # the content blocks did change
+            assert torch.equal(before[:, :d], after[:, :d]) == is_raw, gate
+            if is_raw:
+                torch.testing.assert_close(after[:, :d], _item_id_block(model))
+    # ID only: no projections, no denoisers, one representation
+    id_only, (u, p, n) = _tiny_model(use_content=False)
+    assert not hasattr(id_only, "denoisers") and id_only.modalities == [] and len(id_only.projections) == 0
+    out = id_only.embed(torch.Generator().manual_seed(0), train=True)
+    assert len(out["reps_users"]) == 1 and id_only.weight_u.shape[1] == 1 and len(id_only.preferences) == 1
+    assert out["items"].shape == (7, id_only.cfg.embedding_size)
+    assert out["tc"].item() == 0.0 and out["gen"].item() == 0.0
     model, (u, p, n) = _tiny_model(M=3)
     assert model.gate_mode == "per_modality"
     assert model(u, p, n, seed=0)["loss"].isfinite()
     model, (u, p, n) = _tiny_model(M=1)
     assert model(u, p, n, seed=0)["loss"].isfinite()
-    id_only, _ = _tiny_model(use_content=False)
-    assert not hasattr(id_only, "denoisers") and id_only.modalities == []
 
 
 def test_eval_is_deterministic_and_compat_modes():

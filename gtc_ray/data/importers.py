@@ -124,7 +124,12 @@ def _read_id_map(path: Path, n: int) -> np.ndarray | None:
     return raw
 
 
-def import_mmrec(src: str | Path, out: str | Path, *, overwrite: bool = False, log=print) -> dict:
+def import_mmrec(src: str | Path, out: str | Path, *, overwrite: bool = False, dedup: bool = False,
+                 log=print) -> dict:
+    """Import an MMRec folder (see module docstring). Returns the manifest.
+
+    dedup: keep the first row (in file order) of each duplicate (user, item) pair; without it
+    duplicates are an error. Every check runs before anything is written."""
     src = Path(src)
     if not src.is_dir():
         raise GtcInputError(f"MMRec folder {src}", "does not exist", "pass the folder holding <name>.inter")
@@ -152,7 +157,16 @@ def import_mmrec(src: str | Path, out: str | Path, *, overwrite: bool = False, l
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
             raise GtcInputError(str(f), f"has shape {arr.shape} dtype {arr.dtype}",
                                 "save a 2-D float array [num_items, dim]")
-        feats[name] = arr.astype(np.float32)  # spec P9: float64 image files are cast once here
+        arr = arr.astype(np.float32)  # spec P9: float64 image files are cast once here
+        # name the user's file here: the dataset's own check would name <out>/features/<name>
+        finite = np.isfinite(arr).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise GtcInputError(str(f), f"{len(bad)} of {arr.shape[0]} rows contain NaN or infinite values "
+                                f"(first bad item row {int(bad[0])})",
+                                f"replace those rows with finite values (e.g. the mean of the other rows) and "
+                                f"save {f.name} again", [f"item row {b}" for b in bad[:5]])
+        feats[name] = arr
         log(f"  modality {name}: {arr.shape[0]} x {arr.shape[1]}")
     if not feats:
         log("  warning: no <modality>_feat.npy found; the dataset is ID-only")
@@ -163,8 +177,22 @@ def import_mmrec(src: str | Path, out: str | Path, *, overwrite: bool = False, l
         if arr.shape[0] != num_items:
             raise GtcInputError(str(src / f"{name}_feat.npy"), f"has {arr.shape[0]} rows but the interactions "
                                 f"name {num_items} items", "provide one feature row per item id (0..max itemID)")
-    keep = drop_cold_eval_rows(users, split) if len(users) else np.ones(0, bool)
-    dropped = int((~keep).sum())
+    # duplicate (user, item) pairs: the first row in file order is the one kept with --dedup
+    _, first_idx = np.unique(np.stack([users, items], 1).reshape(-1, 2), axis=0, return_index=True)  # exact, even for bad ids
+    first = np.zeros(len(users), bool)
+    first[first_idx] = True
+    n_dup = int((~first).sum())
+    if n_dup and not dedup:
+        dup = np.flatnonzero(~first)[:3]
+        raise GtcInputError(where, f"{n_dup} duplicate (user, item) pairs",
+                            "pass --dedup to `gtc-ray data import-mmrec` (dedup=True) to keep the first row of "
+                            "each pair in file order", [f"row {d}: user {users[d]}, item {items[d]}" for d in dup])
+    if n_dup:
+        log(f"  dropped {n_dup} duplicate (user, item) rows (first in file order kept)")
+    keep = first.copy()
+    if len(users):
+        keep[first] = drop_cold_eval_rows(users[first], split[first])
+    dropped = int((~keep).sum()) - n_dup
     if dropped:
         log(f"  dropped {dropped} valid/test rows of users with no training row")
     sel = lambda a: None if a is None else a[keep]
@@ -175,7 +203,8 @@ def import_mmrec(src: str | Path, out: str | Path, *, overwrite: bool = False, l
                  item_ids=_read_id_map(src / "i_id_mapping.csv", num_items))
     return write_dataset(ds, out, name=inter.stem, split_scheme="given (MMRec x_label)",
                          provenance={"importer": "mmrec", "source": str(src.absolute()),
-                                     "dropped_cold_eval_rows": dropped},
+                                     "dropped_cold_eval_rows": dropped, "dedup": dedup,
+                                     "dropped_duplicate_rows": n_dup},
                          overwrite=overwrite)
 
 
