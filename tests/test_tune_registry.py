@@ -96,6 +96,38 @@ def test_search_logs_nested_runs(search):
     assert (d / "runs" / "s" / "search.json").is_file()
 
 
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_failure_in_the_final_evaluation_ends_the_search_failed(search, tiny, tmp_path, monkeypatch):
+    """The search's last step, the test evaluation of the winner, fails: its MLflow parent run ends
+    FAILED (not RUNNING) and no search.json names a winner. Runs on a copy of the finished search,
+    resumed (every trial is done, so Tune has nothing to rerun and the driver goes straight on)."""
+    import shutil
+    from mlflow.tracking import MlflowClient
+    import gtc_ray.train.run as run_mod
+    from conftest import tiny_config
+    from gtc_ray.tune.driver import run_search
+    s, d, uri = search
+    shutil.copytree(d / "runs" / "s", tmp_path / "runs" / "s", ignore=shutil.ignore_patterns("search.json"))
+    shutil.copy(d / "mlflow.db", tmp_path / "mlflow.db")
+    copy_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(run_mod, "evaluate_checkpoint", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_search(tiny, d / "space.yaml", base=tiny_config(), name="s", storage=tmp_path / "runs", resume=True,
+                   workers=1, tracking_uri=copy_uri, **QUIET)
+    c = MlflowClient(copy_uri)
+    assert c.get_run(s["parent_run_id"]).info.status == "FAILED"
+    kids = c.search_runs([c.get_experiment_by_name("gtc-ray").experiment_id],
+                         filter_string=f"tags.`mlflow.parentRunId` = '{s['parent_run_id']}'")
+    assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
+    assert not (tmp_path / "runs" / "s" / "search.json").exists()
+    assert MlflowClient(uri).get_run(s["parent_run_id"]).info.status == "FINISHED"  # the original is untouched
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_registry_serves_the_checkpoint_without_ray(search, tiny, tmp_path):
@@ -113,6 +145,7 @@ def test_registry_serves_the_checkpoint_without_ray(search, tiny, tmp_path):
     mv = c.get_model_version_by_alias("gtc", "champion")
     assert mv.tags["gtc.source_run"] == s["best_run_id"] and "test.recall_at_20" in mv.tags
     assert mv.tags["gtc.dataset_hash"]
+    assert mv.tags["gtc.eval_protocol"] == "spec"  # the version's metrics say what produced them
 
     # reference top-10 from the checkpoint
     model, ds, cfg, meta = load_checkpoint_model(s["checkpoint"])
@@ -159,25 +192,211 @@ def test_recommend_cli_errors(search, capsys):
     assert "exactly one of --search" in capsys.readouterr().err
 
 
+def _training_window(c, run_id) -> tuple[float, float]:
+    """(start, end) in seconds of one trial's training, conservatively: from its first epoch report's
+    time less that epoch's training seconds (so later than the real start, by the epoch's
+    evaluation and the report's way to the driver) to its last epoch report."""
+    first = min(c.get_metric_history(run_id, "train_seconds"), key=lambda m: m.step)
+    reports = c.get_metric_history(run_id, "valid_recall_at_20")
+    t_first = min(m.timestamp for m in reports if m.step == first.step) / 1000
+    return t_first - first.value, max(m.timestamp for m in reports) / 1000
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_parallel_trials_share_the_dataset_read_only(ray_cluster, tiny, tmp_path):
-    """Two trials at once on one dataset directory: neither writes outside its own trial directory."""
+def test_parallel_trials_overlap_and_share_the_dataset_read_only(ray_cluster, tiny, tmp_path):
+    """Two trials at once on one dataset directory: they train at the same time (their training
+    windows intersect) and neither writes outside its own trial directory."""
     import shutil
+    from mlflow.tracking import MlflowClient
     from conftest import tiny_config
     from gtc_ray.data.dataset import load_dataset
     from gtc_ray.data.prepare import prepare
     from gtc_ray.tune.driver import run_search
     data = tmp_path / "data"
     shutil.copytree(tiny, data, ignore=shutil.ignore_patterns("prepared"))
+    # 2 trials x 1 worker x 0.4 CPU + 2 x 0.1 trial driver = 1 CPU, the other one stays with Ray Data
     base = tiny_config(ray={"cpus_per_worker": 0.4})
     prepare(load_dataset(data), base.graph, log=lambda m: None)  # what the driver does before any trial
     snap = lambda: {str(p.relative_to(data)): (p.stat().st_mtime_ns, p.stat().st_size) for p in data.rglob("*")}
     before = snap()
-    (tmp_path / "space.yaml").write_text("samples: 2\nfixed: {train.epochs: 3}\nparams: {train.lr: {grid: [0.01, 0.02]}}\n")
-    s = run_search(data, tmp_path / "space.yaml", base=base, samples=1, max_concurrent=2, name="par",
-                   storage=tmp_path / "runs", workers=1, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **QUIET)
+    # 60 tiny epochs (~13 s of training each here) outlast the trials' differences in start-up (2-5 s)
+    (tmp_path / "space.yaml").write_text("samples: 1\nfixed: {train.epochs: 60, train.patience: 100}\n"
+                                         "params: {train.lr: {grid: [0.01, 0.02]}}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = run_search(data, tmp_path / "space.yaml", base=base, max_concurrent=2, name="par",
+                   storage=tmp_path / "runs", workers=1, tracking_uri=uri, **QUIET)
     assert snap() == before  # the shared dataset and its prepared graphs are untouched
     trial_dirs = {Path(t["checkpoint"]).parent for t in s["trials"]}
     assert len(trial_dirs) == 2  # each trial wrote only under its own directory
-    # (tiny trials may finish before the other starts: the snapshot above is the property checked)
+    c = MlflowClient(uri)
+    kids = c.search_runs([c.get_experiment_by_name("gtc-ray").experiment_id],
+                         filter_string=f"tags.`mlflow.parentRunId` = '{s['parent_run_id']}'")
+    (a0, a1), (b0, b1) = (_training_window(c, k.info.run_id) for k in kids)
+    assert max(a0, b0) < min(a1, b1), ((a0, a1), (b0, b1))  # both were training at once
+
+
+class _Trial:
+    """The few attributes of a Tune Trial that MlflowTrialLogger reads."""
+
+    def __init__(self, tid, status="RUNNING"):
+        from gtc_ray.tune.space import SearchSpace
+        self.trial_id, self.status, self.last_result = tid, status, {}
+        space = SearchSpace(path="s.yaml", params={"train.lr": ("uniform", [0.001, 0.01])})
+        self.config = {"params": {"train.lr": 0.005}, "base": Config().to_dict(), "space": space.__dict__}
+
+
+@pytest.mark.timeout(120)
+def test_trial_logger_ends_every_child_run(tmp_path):
+    """After Ctrl-C Tune stops the running trials without on_trial_complete/on_trial_error: the
+    callback ends their runs KILLED at the end of the experiment and reports them unfinished."""
+    from mlflow.tracking import MlflowClient
+    from gtc_ray import tracking
+    from gtc_ray.tune import driver
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, uri)
+    parent = c.create_run(exp, run_name="p").info.run_id
+    cb = driver.make_mlflow_callback(uri, exp, parent, {}, "valid_recall@20")
+    done, failed, cut, waiting = _Trial("t_done"), _Trial("t_failed"), _Trial("t_cut"), _Trial("t_wait", "PENDING")
+    for t in (done, failed, cut):
+        cb.on_trial_start(0, [], t)
+        cb.on_trial_result(0, [], t, {"epoch": 0, "train_loss": 1.0, "valid_recall@20": 0.5})
+    cb.on_trial_complete(0, [], done)
+    cb.on_trial_error(0, [], failed)
+    done.status, failed.status, cut.status = "TERMINATED", "ERROR", "TERMINATED"  # what Tune's clean-up sets
+    cb.on_experiment_end([done, failed, cut, waiting])
+    ended = driver._EXPERIMENT_END.pop(parent)
+    assert ended["unfinished"] == ["t_cut", "t_wait"]
+    m = MlflowClient(uri)
+    status = {r.data.tags["gtc.trial_id"]: r.info.status
+              for r in m.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert status == {"t_done": "FINISHED", "t_failed": "FAILED", "t_cut": "KILLED"}
+    assert [h.step for h in m.get_metric_history(ended["runs"]["t_cut"], "valid_recall_at_20")] == [0]
+
+
+class _RayReached(Exception):
+    pass
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("error, rc, status", [(_RayReached("start Ray here"), None, "FAILED"),
+                                               (KeyboardInterrupt(), 130, "KILLED")])
+def test_readme_wide_search_passes_every_check_with_the_defaults(tiny, tmp_path, monkeypatch, error, rc, status):
+    """`gtc-ray tune D --space tune_spaces/wide.yaml` as the README gives it (2 workers per trial,
+    default config, 2 local CPUs) gets past every check up to starting Ray (it exited 2 before
+    ray.cpus_per_worker was sized automatically); a failure or Ctrl-C there ends the search's
+    MLflow run FAILED or KILLED."""
+    import shutil
+    from mlflow.tracking import MlflowClient
+    import gtc_ray.train.run as run_mod
+    from gtc_ray.cli import main
+    seen = {}
+
+    def start_ray(cfg, log, workers, extra_cpu):
+        seen.update(cpw=cfg.ray.cpus_per_worker, workers=workers, extra=extra_cpu)
+        raise error
+
+    monkeypatch.setattr(run_mod, "ensure_ray", start_ray)
+    shutil.copytree(tiny, tmp_path / "D", ignore=shutil.ignore_patterns("prepared"))
+    monkeypatch.chdir(ROOT)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["tune", str(tmp_path / "D"), "--space", "tune_spaces/wide.yaml", "--storage", str(tmp_path / "runs"),
+            "--tracking-uri", uri]
+    if rc is None:
+        with pytest.raises(_RayReached):
+            main(argv)
+    else:
+        assert main(argv) == rc
+    assert seen == {"cpw": 0.45, "workers": 2, "extra": pytest.approx(0.1)}  # 2 x 0.45 + 0.1 leaves Ray Data 1 CPU
+    c = MlflowClient(uri)
+    [run] = c.search_runs([c.get_experiment_by_name("gtc-ray").experiment_id])
+    assert run.info.status == status and run.data.tags["gtc.kind"] == "search"
+    assert run.data.tags["gtc.eval_protocol"] == "spec"
+    assert not list((tmp_path / "runs").glob("*/search.json"))
+
+
+@pytest.mark.timeout(120)
+def test_trial_whose_train_run_gave_up_is_not_relaunched(tmp_path, monkeypatch):
+    """A trial's TorchTrainer failed after its own ray.max_failures restarts: Tune's relaunches of
+    the trial (its FailureConfig) fail at once instead of repeating the Train run's restarts."""
+    import ray.train
+    import ray.tune
+    import gtc_ray.train.run as run_mod
+    from gtc_ray.tune.driver import trial_driver
+    from gtc_ray.tune.space import SearchSpace
+    built = []
+
+    class Trainer:
+        def fit(self):
+            raise ray.train.WorkerGroupError("worker 0 raised ValueError", {})
+
+    class Ctx:
+        def get_trial_id(self):
+            return "t1"
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: Ctx())
+    monkeypatch.setattr("ray.tune.integration.ray_train.TuneReportCallback", lambda: None)
+    monkeypatch.setattr(run_mod, "build_trainer", lambda *a, **k: built.append(1) or Trainer())
+    space = SearchSpace(path="s.yaml", params={"train.lr": ("uniform", [0.001, 0.01])})
+    config = {"space": space.__dict__, "base": Config().to_dict(), "params": {"train.lr": 0.005},
+              "data_dir": str(tmp_path), "workers": 1, "use_gpu": False, "trials_dir": str(tmp_path / "trials")}
+    with pytest.raises(ray.train.WorkerGroupError):
+        trial_driver(config)
+    with pytest.raises(RuntimeError, match="failed after ray.max_failures=3 worker-group restarts"):
+        trial_driver(config)  # Tune's relaunch
+    assert built == [1]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_lost_trial_driver_is_relaunched_and_resumes_its_train_run(ray_cluster, tiny, tmp_path):
+    """SIGKILL of a trial's driver process (the Tune trial actor; Ray Train cannot handle its own
+    driver's loss): Tune's FailureConfig (ray.max_failures) relaunches the trial, its Train run
+    resumes from the latest checkpoint (no epoch trained twice), and the search ends normally."""
+    import signal
+    import threading
+    import time
+    from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors
+    from conftest import tiny_config
+    from gtc_ray.tune.driver import run_search
+    (tmp_path / "space.yaml").write_text("samples: 1\nfixed: {train.epochs: 8, train.patience: 100}\n"
+                                         "params: {train.lr: {grid: [0.01]}}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # create the store before polling it from this thread
+    out, errors = {}, []
+
+    def target():
+        try:
+            out["s"] = run_search(tiny, tmp_path / "space.yaml", base=tiny_config(), name="ft", workers=1,
+                                  storage=tmp_path / "runs", tracking_uri=uri, **QUIET)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    th = threading.Thread(target=target)
+    th.start()
+    killed, deadline = None, time.time() + 300
+    c = MlflowClient(uri)
+    while time.time() < deadline and th.is_alive() and killed is None:
+        time.sleep(0.3)
+        try:
+            exp = c.get_experiment_by_name("gtc-ray")
+            kids = c.search_runs([exp.experiment_id], filter_string="tags.`gtc.kind` = 'trial'") if exp else []
+            if kids and len(c.get_metric_history(kids[0].info.run_id, "valid_recall_at_20")) >= 2:
+                drivers = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
+                                      filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+                if drivers:
+                    killed = drivers[0].pid
+                    os.kill(killed, signal.SIGKILL)
+        except Exception:  # the store busy with the search's writes: poll again
+            continue
+    th.join(timeout=400)
+    assert not errors, errors
+    assert killed is not None, "the trial finished before its driver could be killed"
+    s = out["s"]
+    assert s["best_trial"] and s["trials"][0]["epochs"] == 8 and not s["trials"][0]["error"]
+    [kid] = c.search_runs([c.get_experiment_by_name("gtc-ray").experiment_id],
+                          filter_string="tags.`gtc.kind` = 'trial'")
+    assert kid.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(kid.info.run_id, "valid_recall_at_20")) == list(range(8))
