@@ -98,7 +98,7 @@ class RayTrainRuntime(Runtime):
             torch.cuda.set_device(self.device)
 
     def shard(self):
-        """This worker's rows: its own dataset, cut by Ray Data on the driver (shard_dataset), so the
+        """This worker's rows: its own dataset, cut by Ray Data on the driver (shard_datasets), so the
         rows a worker gets never depend on block scheduling and none are dropped."""
         import ray.train
         it = ray.train.get_dataset_shard(f"train_{self.rank}")
