@@ -120,7 +120,11 @@ class TrainTracker:
         c = client(uri)
         run = c.create_run(experiment_id(c, uri), run_name=name,
                            tags={**dataset_tags(ds), **protocol_tags(cfg), "gtc.kind": "train"})
-        log_params(c, run.info.run_id, flatten(cfg.to_dict()))
+        try:
+            log_params(c, run.info.run_id, flatten(cfg.to_dict()))
+        except BaseException as e:  # the run exists: it must not stay RUNNING
+            end_run_after(c, run.info.run_id, e)
+            raise
         return cls(uri, run.info.run_id, c)
 
     def log(self, rec: dict) -> None:

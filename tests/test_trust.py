@@ -248,3 +248,35 @@ def test_batch_scaling(tiny, tmp_path, scaling, rows, steps):
     n = int((shard_of(*load_dataset(tiny).split_pairs("train"), 2) == 0).sum())
     line = next(x for x in rt.lines if "rows/worker/step" in x)
     assert f"{rows} rows/worker/step, {math.ceil(n / rows)} steps/epoch" in line, line
+
+
+def test_automatic_cpus_per_worker_always_fit_their_own_check():
+    from gtc_ray.train.run import check_local_resources, resolve_cpus_per_worker
+    for cpus, workers, extra in [(2, 2, 0.0), (2, 2, 0.1), (3, 3, 0.0), (4, 3, 0.1), (5, 6, 0.0), (8, 7, 0.3)]:
+        cfg = tiny_config(ray={"num_cpus": cpus})
+        cpw = resolve_cpus_per_worker(cfg, workers, extra)
+        assert 0 < cpw <= 1 and workers * cpw + extra <= cpus - 1
+        check_local_resources(cfg, workers, extra)  # no error for the value it chose itself
+    assert resolve_cpus_per_worker(tiny_config(ray={"num_cpus": 2}), 2) == 0.5
+
+
+def test_pruning_leaves_foreign_directories_alone(tmp_path):
+    from gtc_ray.train.run import prune_checkpoints
+    names = ["checkpoint_q7z1p", "checkpoint_a8x_k2"]  # an older version's local-mode names (random)
+    names += [f"checkpoint_{t:020d}_ab{t}" for t in (5, 7, 9)]
+    for n in names:
+        (tmp_path / n).mkdir()
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[:2] + names[3:])
+
+
+def test_checkpoint_of_an_older_version_with_other_modality_order_is_refused(tiny, tmp_path):
+    """Before meta['modalities'], per-representation weights followed the manifest's order."""
+    from gtc_ray.errors import GtcInputError
+    from gtc_ray.train.checkpoint import check_modality_order
+    ds = load_dataset(tiny)
+    check_modality_order({"config": {}}, ds, "ck")  # image, text: name order already
+    ds.features = dict(reversed(list(ds.features.items())))
+    with pytest.raises(GtcInputError, match="retrain"):
+        check_modality_order({"config": {}}, ds, "ck")
+    check_modality_order({"config": {}, "modalities": ["image", "text"]}, ds, "ck")

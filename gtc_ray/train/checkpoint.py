@@ -73,3 +73,13 @@ def load_file(path: str | Path, name: str, meta: dict | None = None, map_locatio
         raise GtcInputError(f"checkpoint file {f}", "does not match the hash in meta.json (truncated or corrupted)",
                             "use another checkpoint of the run, or retrain")
     return torch.load(f, map_location=map_location, weights_only=True)
+
+
+def check_modality_order(meta: dict, ds, ckpt) -> None:
+    """Checkpoints before meta["modalities"] indexed per-representation weights in the manifest's
+    order; the model now uses name order. Refuse the one case where the two differ."""
+    if "modalities" not in meta and list(ds.features) != sorted(ds.features) and \
+            meta.get("config", {}).get("model", {}).get("use_content", True):
+        raise GtcInputError(f"checkpoint {ckpt}", f"was written by an older gtc-ray for modalities in the order "
+                            f"{list(ds.features)}, which this version reads in name order",
+                            "retrain the model with this version")

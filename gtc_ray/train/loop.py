@@ -37,7 +37,7 @@ from gtc_ray.data.dataset import load_dataset
 from gtc_ray.data.prepare import prepare, train_matrix
 from gtc_ray.model.gtc import GTC
 from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
-from gtc_ray.train.checkpoint import load_file, read_meta
+from gtc_ray.train.checkpoint import check_modality_order, load_file, read_meta
 from gtc_ray.train.metrics import (eval_protocol, evaluate_sums, modality_balance, representation_share_sums,
                                    sums_to_metrics)
 
@@ -187,21 +187,24 @@ def train_loop(config: dict, rt: Runtime) -> None:
     best_eval = None
     ck = rt.latest_checkpoint()
     if ck is not None:
-        meta = read_meta(ck)
-        if meta.get("dataset") != ds.content_hash:
-            raise ValueError(f"checkpoint {ck} was trained on dataset {meta.get('dataset')}, not {ds.content_hash}")
-        model.load_state_dict(load_file(ck, "model.pt", meta, rt.device))
-        if meta.get("final"):
-            start_epoch = cfg.train.epochs  # finished run: only the final test evaluation remains
-        else:
-            opt.load_state_dict(load_file(ck, "optim.pt", meta, rt.device))
-            start_epoch = meta["epoch"] + 1
-        best, best_epoch, bad, history = meta["best"], meta["best_epoch"], meta["bad"], meta["history"]
-        best_state = load_file(ck, "best_model.pt", meta, rt.device) if "best_model.pt" in meta["hashes"] else None
-        for f in ("best_eval.pt", "eval_embeddings.pt"):
-            if f in meta["hashes"]:
-                best_eval = tuple(load_file(ck, f, meta, rt.device)[k] for k in ("users", "items"))
-        rt.release(ck)
+        try:  # the restored copy is released whatever happens
+            meta = read_meta(ck)
+            check_modality_order(meta, ds, ck)
+            if meta.get("dataset") != ds.content_hash:
+                raise ValueError(f"checkpoint {ck} was trained on dataset {meta.get('dataset')}, not {ds.content_hash}")
+            model.load_state_dict(load_file(ck, "model.pt", meta, rt.device))
+            if meta.get("final"):
+                start_epoch = cfg.train.epochs  # finished run: only the final test evaluation remains
+            else:
+                opt.load_state_dict(load_file(ck, "optim.pt", meta, rt.device))
+                start_epoch = meta["epoch"] + 1
+            best, best_epoch, bad, history = meta["best"], meta["best_epoch"], meta["bad"], meta["history"]
+            best_state = load_file(ck, "best_model.pt", meta, rt.device) if "best_model.pt" in meta["hashes"] else None
+            for f in ("best_eval.pt", "eval_embeddings.pt"):
+                if f in meta["hashes"]:
+                    best_eval = tuple(load_file(ck, f, meta, rt.device)[k] for k in ("users", "items"))
+        finally:
+            rt.release(ck)
         log(f"resumed from {ck} at epoch {start_epoch}")
     # the full-item work split by item rows (all ranks: new_group is collective)
     model.item_shard = rt.item_shard() if cfg.train.shard_item_work else None
@@ -280,7 +283,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
         # 7. report (every rank) + checkpoint (rank 0)
         meta = {"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
                 "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": False,
-                "protocol": eval_protocol(cfg)}
+                "protocol": eval_protocol(cfg), "modalities": model.modalities}
         extra = {"best_model.pt": best_state} if best_state is not None else {}
         if best_eval is not None:
             extra["best_eval.pt"] = {"users": best_eval[0], "items": best_eval[1]}
@@ -315,7 +318,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     log(_progress_line(rec, metric))
     meta = {"epoch": rec["epoch"], "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
             "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": True,
-            "valid": vfinal, "test": tm, "protocol": eval_protocol(cfg)}
+            "valid": vfinal, "test": tm, "protocol": eval_protocol(cfg), "modalities": model.modalities}
     if balance is not None:
         meta["modality_balance"] = balance
     extra = {"eval_embeddings.pt": {"users": best_eval[0], "items": best_eval[1]}} if stale and best_eval else {}

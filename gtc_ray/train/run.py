@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import re
 import os
 import shutil
 import tempfile
@@ -30,10 +32,16 @@ from gtc_ray.train.loop import Runtime, train_loop
 
 # ------------------------------------------------------------------ runtimes
 
+# names whose sort order is their age: in-process checkpoint_NNNNNN, local-mode checkpoint_<ns time>_*
+_ORDERED_CHECKPOINT = re.compile(r"checkpoint_(\d{6}|\d{20}_\w+)")
+
+
 def prune_checkpoints(parent: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoint_* directories under `parent` (names sort by age). Each
-    checkpoint also carries the best-so-far weights, so the newest is enough to finish the run."""
-    found = sorted(p for p in parent.glob("checkpoint_*") if p.is_dir()) if parent.exists() else []
+    """Keep the newest `keep` checkpoints under `parent`. Each checkpoint also carries the best-so-far
+    weights, so the newest is enough to finish the run. Directories named otherwise (an older
+    version's local-mode checkpoints) are left alone."""
+    found = sorted(p for p in parent.glob("checkpoint_*") if p.is_dir() and _ORDERED_CHECKPOINT.fullmatch(p.name)) \
+        if parent.exists() else []
     for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -184,7 +192,7 @@ def resolve_cpus_per_worker(cfg: Config, workers: int, extra_cpu: float = 0.0) -
     if spare <= 0:
         raise GtcInputError("config key ray.num_cpus", f"the local Ray's {cfg.ray.num_cpus} CPUs leave none for "
                             "training after one for Ray Data", "raise ray.num_cpus, or run fewer trials at once")
-    return round(min(1.0, spare / max(workers, 1)), 4)
+    return math.floor(min(1.0, spare / max(workers, 1)) * 1e4) / 1e4  # down: the total must still fit
 
 
 def check_local_resources(cfg: Config, workers: int, extra_cpu: float = 0.0) -> None:
@@ -487,7 +495,7 @@ def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
     epoch those weights come from, so the embeddings equal the ones validation saw."""
     from gtc_ray.config import config_from_dict
     from gtc_ray.model.propagation import sample_user_graph
-    from gtc_ray.train.checkpoint import load_file
+    from gtc_ray.train.checkpoint import check_modality_order, load_file
     from gtc_ray.train.loop import build_model, derive_seed
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
@@ -501,6 +509,7 @@ def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
     epoch = meta["best_epoch"] if weights == "best_model.pt" or meta.get("final") else meta["epoch"]
     ug = sample_user_graph(g.user_user, cfg.model.user_graph_k,
                            np.random.default_rng(derive_seed(cfg.train.seed, epoch, "ug")))
+    check_modality_order(meta, ds, ckpt)
     model = build_model(ds, cfg, g, ug)
     model.load_state_dict(load_file(ckpt, weights, meta))
     stale = "eval_embeddings.pt" if meta.get("final") else "best_eval.pt"

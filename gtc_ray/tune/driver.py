@@ -123,7 +123,7 @@ class MlflowTrialLogger(Callback):
 
     @staticmethod
     def _epoch_record(result: dict) -> dict:
-        return {k: v for k, v in result.items() if k.startswith(("train_", "valid_")) or k in ("epoch", "best_valid")}
+        return {k: v for k, v in result.items() if k.startswith(("train_", "valid_")) or k in ("epoch", "best_valid", "modality_balance")}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rid = self._run_for(trial)
@@ -308,7 +308,7 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
                    "data_dir": str(data_dir), "workers": workers, "use_gpu": use_gpu,
                    "trials_dir": str(search_dir / "trials")}
     trainable = tune.with_resources(trial_driver, {"cpu": TRIAL_CPU})
-    cb = make_mlflow_callback(uri, exp, parent, tracking.dataset_tags(ds), metric)
+    cb = make_mlflow_callback(uri, exp, parent, {**tracking.dataset_tags(ds), **tracking.protocol_tags(base)}, metric)
     _EXPERIMENT_END.pop(parent, None)
     if resume:  # Tune restores its own config, including the callback, from tuner.pkl
         tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
@@ -365,7 +365,7 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
         f"test recall@20 {res['test'].get('recall@20', float('nan')):.4f}, ndcg@20 {res['test'].get('ndcg@20', float('nan')):.4f}")
     stopped = sum(1 for x in rows if x["epochs"] < space.config_for(base, {}).train.epochs and not x["error"])
     summary = {"name": name, "best_trial": best["trial"], "params": best["params"], "checkpoint": best["checkpoint"],
-               "valid": res["valid"], "test": res["test"], "parent_run_id": parent,
+               "valid": res["valid"], "test": res["test"], "protocol": res["protocol"], "parent_run_id": parent,
                "best_run_id": runs.get(best["trial"]) if best["trial"] else None,
                "tracking_uri": uri, "trials": rows, "stopped_early_or_converged": stopped,
                "data_dir": str(data_dir)}
