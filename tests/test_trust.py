@@ -242,8 +242,8 @@ class TwoRankRuntime(RecordingRuntime):
         return u[keep], i[keep]
 
 
-@pytest.mark.parametrize("scaling, rows, steps", [("split", 128, None), ("per_worker", 256, None)])
-def test_batch_scaling(tiny, tmp_path, scaling, rows, steps):
+@pytest.mark.parametrize("scaling, rows", [("split", 128), ("per_worker", 256)])
+def test_batch_scaling(tiny, tmp_path, scaling, rows):
     rt = _loop(tiny, tmp_path, TwoRankRuntime, train={"epochs": 1, "batch_scaling": scaling})
     n = int((shard_of(*load_dataset(tiny).split_pairs("train"), 2) == 0).sum())
     line = next(x for x in rt.lines if "rows/worker/step" in x)
