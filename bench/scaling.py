@@ -97,7 +97,7 @@ def measure(rank: int, world: int, data: str, overrides: list[str], steps: int, 
     import torch
     import torch.distributed as dist
     from gtc_ray.model.sharding import ItemShard
-    from gtc_ray.train.run import ddp_kwargs
+    from gtc_ray.train.runtime import ddp_kwargs
     cfg, ds, model, opt, (u, i) = _setup(data, overrides)
     net = model
     if sharded and world > 1:
@@ -181,7 +181,7 @@ def run_ray(data, overrides, steps, storage: Path) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from gtc_ray.config import load_config
-    from gtc_ray.train.run import ensure_ray, resolve_cpus_per_worker
+    from gtc_ray.train.cluster import ensure_ray, resolve_cpus_per_worker
     cfg = load_config(overrides=overrides)
     ensure_ray(cfg, log=lambda m: None, workers=2)
     cpw = resolve_cpus_per_worker(cfg, 2)

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             from gtc_ray.registry.register import cli_recommend
             return cli_recommend(a, log=_log)
         if a.verb == "evaluate":
-            from gtc_ray.train.run import cli_evaluate
+            from gtc_ray.train.evaluate import cli_evaluate
             return cli_evaluate(a, log=_log)
     except GtcInputError as e:
         if a.debug:

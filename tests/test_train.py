@@ -15,7 +15,8 @@ from gtc_ray.train.checkpoint import load_file, read_meta
 from gtc_ray.train.loop import make_optimizer, sample_negatives, train_loop
 from gtc_ray.train.metrics import evaluate_sums, sums_to_metrics
 from gtc_ray.config import load_config
-from gtc_ray.train.run import InProcessRuntime, run_training
+from gtc_ray.train.run import run_training
+from gtc_ray.train.runtime import InProcessRuntime
 
 QUIET = dict(log=lambda *a, **k: None)
 

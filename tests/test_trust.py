@@ -4,7 +4,6 @@ score, and the loop's schedule switches. No Ray here (see test_train.py for the 
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 
@@ -21,7 +20,10 @@ from gtc_ray.data.prepare import train_matrix
 from gtc_ray.train.checkpoint import read_meta
 from gtc_ray.train.loop import eval_targets, train_loop
 from gtc_ray.train.metrics import modality_balance, representation_share_sums
-from gtc_ray.train.run import InProcessRuntime, evaluate_checkpoint, run_training, shard_of
+from gtc_ray.train.evaluate import evaluate_checkpoint
+from gtc_ray.train.ingest import shard_of
+from gtc_ray.train.run import run_training
+from gtc_ray.train.runtime import InProcessRuntime
 
 QUIET = dict(log=lambda *a, **k: None)
 
@@ -251,7 +253,7 @@ def test_batch_scaling(tiny, tmp_path, scaling, rows):
 
 
 def test_automatic_cpus_per_worker_always_fit_their_own_check():
-    from gtc_ray.train.run import check_local_resources, resolve_cpus_per_worker
+    from gtc_ray.train.cluster import check_local_resources, resolve_cpus_per_worker
     for cpus, workers, extra in [(2, 2, 0.0), (2, 2, 0.1), (3, 3, 0.0), (4, 3, 0.1), (5, 6, 0.0), (8, 7, 0.3)]:
         cfg = tiny_config(ray={"num_cpus": cpus})
         cpw = resolve_cpus_per_worker(cfg, workers, extra)
@@ -261,7 +263,7 @@ def test_automatic_cpus_per_worker_always_fit_their_own_check():
 
 
 def test_pruning_leaves_foreign_directories_alone(tmp_path):
-    from gtc_ray.train.run import prune_checkpoints
+    from gtc_ray.train.runtime import prune_checkpoints
     names = ["checkpoint_q7z1p", "checkpoint_a8x_k2"]  # an older version's local-mode names (random)
     names += [f"checkpoint_{t:020d}_ab{t}" for t in (5, 7, 9)]
     for n in names:

