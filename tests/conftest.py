@@ -15,6 +15,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 test server's address goes into the standard AWS variables at import, before any Ray
+# starts, so every Ray worker of the session inherits them (the `s3` fixture starts the server).
+S3_PORT = free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
+
+
 def shared_data_dir() -> Path | None:
     env = os.environ.get("GTC_RAY_SHARED_DATA")
     base = Path(env) if env else ROOT.parent / "shared" / "data"
@@ -45,6 +60,26 @@ def tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny"
     synth(out, "tiny", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server (moto) on 127.0.0.1 for the session; yields a function that creates
+    a fresh bucket and returns its `s3://name` URI."""
+    import uuid
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    admin = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+
+    def bucket(prefix: str = "gtc") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        admin.create_dir(name)
+        return f"s3://{name}"
+
+    yield bucket
+    server.stop()
 
 
 @pytest.fixture(scope="session")
