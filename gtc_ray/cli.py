@@ -40,23 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="create, import and inspect datasets")
     dsub = d.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="generate a synthetic dataset with planted cluster structure")
-    s.add_argument("out", help="output dataset directory (must not exist unless --overwrite)")
+    s.add_argument("out", help="output dataset: a directory or a URI such as s3://bucket/tiny (must not exist "
+                   "unless --overwrite)")
     s.add_argument("--preset", default="tiny", help="size: tiny, small, baby, sports, clothing or 1m (default tiny)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--users", type=int, help="override the preset's number of users")
     s.add_argument("--items", type=int, help="override the preset's number of items")
     s.add_argument("--interactions", type=int, help="override the preset's number of interactions")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing (or partly written) output dataset")
 
     m = dsub.add_parser("import-mmrec", help="import an MMRec folder (<name>.inter + <modality>_feat.npy)")
     m.add_argument("src", help="MMRec dataset folder")
-    m.add_argument("out", help="output dataset directory")
+    m.add_argument("out", help="output dataset: a directory or a URI (s3://, gs://, abfs://, file://, ...)")
     m.add_argument("--dedup", action="store_true", help="keep the first row of duplicate (user, item) pairs")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing (or partly written) output dataset")
 
     g = dsub.add_parser("import", help="import raw interaction and feature tables (Parquet, CSV or TSV)")
     g.add_argument("interactions", help="interaction table with raw user and item ids")
-    g.add_argument("out", help="output dataset directory")
+    g.add_argument("out", help="output dataset: a directory or a URI (s3://, gs://, abfs://, file://, ...)")
     g.add_argument("--features", action="append", default=[], metavar="MODALITY=PATH",
                    help="feature table of one modality keyed by raw item id (repeatable)")
     g.add_argument("--user-column", default="user_id", help="raw user id column (default user_id)")
@@ -70,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=2026, help="split seed (default 2026)")
     g.add_argument("--dedup", action="store_true", help="keep the earliest row of duplicate (user, item) pairs")
     g.add_argument("--fill-missing", choices=["mean"], help="give items without a feature row the mean vector")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing (or partly written) output dataset")
 
     ds = dsub.add_parser("describe", help="summarise a dataset directory")
-    ds.add_argument("dir", help="dataset directory")
+    ds.add_argument("dir", help="dataset directory or URI")
     ds.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     pr = sub.add_parser("prepare", help="build and cache the item-item and user-user graphs")
-    pr.add_argument("dir", help="dataset directory")
+    pr.add_argument("dir", help="dataset directory or URI (the graphs are cached under it, in prepared/)")
     _add_config_args(pr)
 
     fe = sub.add_parser("features", help="encode raw item content into a modality table (Ray Data batch inference)")

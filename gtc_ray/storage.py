@@ -250,3 +250,22 @@ def publish_dir(staged: Path, loc, commit: str) -> None:
         write_bytes(target, (staged / commit).read_bytes())
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def publish_files(staged: Path, loc, commit: str) -> None:
+    """Update some files of an existing directory or prefix `loc` with a locally built `staged`
+    (which holds only the changed files plus `commit`), keeping every other file at `loc`.
+
+    The old commit file is deleted first (readers then see no commit rather than a mix), the
+    changed files are uploaded over their old versions, and the commit file is written last. For
+    object stores, where a directory cannot be renamed; for a local directory prefer building a
+    whole copy (hard links) and `publish_dir`, which is atomic there."""
+    staged = Path(staged)
+    try:
+        target = join(loc, commit)
+        if exists(target):
+            delete(target)
+        upload_dir(staged, loc, skip=(commit,))
+        write_bytes(target, (staged / commit).read_bytes())
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)

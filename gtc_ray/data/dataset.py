@@ -7,9 +7,14 @@
     DIR/users.parquet, items.parquet   index:int32, raw_id:string   (maps back to the raw ids)
     DIR/prepared/<key>/            graphs built by `gtc-ray prepare` (see prepare.py)
 
-`write_dataset` validates everything first, writes into a temporary sibling directory and renames
-it into place, so no partial dataset directory is ever left behind. `load_dataset` re-checks the
-content hashes and the tables, so a file edited after import is caught before training.
+DIR is a location (gtc_ray.storage): a local path or a URI (`s3://bucket/ml100k`, `gs://...`,
+`file://...`, any fsspec scheme). `write_dataset` validates everything first, builds the dataset
+in a local staging directory and publishes it with `storage.publish_dir`: renamed into place
+locally; on an object store uploaded with manifest.json last (the commit), the old manifest
+deleted first. A reader that finds manifest.json therefore never sees half a dataset, and a
+location with files but no manifest is an interrupted import (read_manifest says so).
+`load_dataset` re-checks the content hashes (streamed from the file system) and the tables, so a
+file edited after import is caught before training.
 """
 
 from __future__ import annotations
@@ -18,15 +23,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gtc_ray import storage
 from gtc_ray.errors import GtcInputError
 
 FORMAT = "gtc-ray-dataset"
@@ -50,7 +54,7 @@ class Dataset:
     user_ids: np.ndarray | None = None  # raw ids (str) by index
     item_ids: np.ndarray | None = None
     manifest: dict = field(default_factory=dict)
-    path: Path | None = None
+    path: str | None = None  # the normalized location (storage.normalize): absolute local path or URI
 
     def split_mask(self, name: str) -> np.ndarray:
         return self.split == SPLITS.index(name)
@@ -135,9 +139,11 @@ def check_features(where: str, f: np.ndarray, num_items: int, dim: int | None = 
 
 # ----------------------------------------------------------------------------------------- write
 
-def sha256_file(path: Path) -> str:
+def sha256_file(loc) -> str:
+    """sha256 of a file at a location (local path or URI), streamed from its file system."""
+    fs, p = storage.filesystem(loc)
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with fs.open_input_stream(p) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -148,22 +154,54 @@ def content_hash(hashes: dict) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def replace_modality(path: str | Path, modality: str, features: np.ndarray, provenance: dict) -> dict:
-    """Add or replace one modality's feature table, atomically: the new dataset version is built in
-    a sibling directory (unchanged files hard-linked) and swapped in with renames."""
-    path = Path(path).absolute()
-    manifest = read_manifest(path)
+def file_uri(ds_or_location, rel: str) -> str:
+    """Where one file of a dataset lives, as `ray.data.read_parquet` (or pyarrow) accepts it: an
+    absolute local path, or a URI for a dataset on an object store.
+
+        file_uri(ds, "interactions.parquet")
+        file_uri(ds, ds.manifest["modalities"]["image"]["file"])
+        file_uri("s3://bucket/ml100k", "items.parquet")     # -> "s3://bucket/ml100k/items.parquet"
+    """
+    loc = ds_or_location.path if isinstance(ds_or_location, Dataset) else ds_or_location
+    if loc is None:
+        raise ValueError("this Dataset was not loaded from a location (its path is None)")
+    return storage.join(loc, rel)
+
+
+def _io_error(loc, e: BaseException, doing: str) -> GtcInputError:
+    return GtcInputError(f"dataset {loc}", f"cannot be {doing} ({storage.describe_error(loc, e)})",
+                         "check the path or URI, and for an object store its credentials and endpoint "
+                         "(the standard AWS_* variables for S3)")
+
+
+def _refuse_bucket_root(out: str) -> None:
+    if storage.is_uri(out) and "/" not in out.split("://", 1)[1].strip("/"):
+        raise GtcInputError(f"output {out}", "is the root of a bucket or container",
+                            f"write the dataset under a prefix, e.g. {out.rstrip('/')}/mydata")
+
+
+def replace_modality(path, modality: str, features: np.ndarray, provenance: dict) -> dict:
+    """Add or replace one modality's feature table, atomically for readers of manifest.json.
+
+    Local: the new dataset version is built in a sibling directory (unchanged files hard-linked)
+    and swapped in with renames. Object store: only the new table and manifest are built locally;
+    the old manifest is deleted before the new table is uploaded, and the new manifest is written
+    last (storage.publish_files), so no reader sees a manifest that does not match the files."""
+    loc = storage.normalize(path)
+    manifest = read_manifest(loc)
     check_features(f"features for {modality}", features, manifest["num_items"])
     rel = f"features/{modality}.parquet"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    lp = storage.local_path(loc)
+    tmp = storage.staging_dir(loc)
     try:
-        for src in path.rglob("*"):
-            dst = tmp / src.relative_to(path)
-            if src.is_dir():
-                dst.mkdir(parents=True, exist_ok=True)
-            elif src.name != "manifest.json" and src.relative_to(path).as_posix() != rel:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.link(src, dst)
+        if lp is not None:
+            for src in lp.rglob("*"):
+                dst = tmp / src.relative_to(lp)
+                if src.is_dir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                elif src.name != "manifest.json" and src.relative_to(lp).as_posix() != rel:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(src, dst)
         (tmp / "features").mkdir(exist_ok=True)
         pq.write_table(_features_table(features), tmp / rel)
         manifest["modalities"][modality] = {"dim": int(features.shape[1]), "file": rel}
@@ -171,13 +209,18 @@ def replace_modality(path: str | Path, modality: str, features: np.ndarray, prov
         manifest["content_hash"] = content_hash(manifest["hashes"])
         manifest.setdefault("provenance", {}).setdefault("features", {})[modality] = provenance
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        if lp is not None:
+            storage.publish_dir(tmp, loc, commit="manifest.json")
+        else:
+            storage.publish_files(tmp, loc, commit="manifest.json")
+    except OSError as e:
+        raise GtcInputError(f"dataset {loc}", f"could not be updated ({storage.describe_error(loc, e)})",
+                            "check the store's credentials; if it now has no manifest.json, re-import it with "
+                            "--overwrite and add the modality again") from e
     return manifest
 
 
@@ -193,15 +236,23 @@ def _id_table(raw: np.ndarray | None, n: int) -> pa.Table:
     return pa.table({"index": pa.array(np.arange(n, dtype=np.int32)), "raw_id": pa.array(raw, pa.string())})
 
 
-def write_dataset(ds: Dataset, out: str | Path, *, name: str, split_scheme: str, provenance: dict,
+def _exists(loc: str) -> bool:
+    """Anything at a location: a file, a directory, or (object stores) a prefix with objects."""
+    try:
+        return storage.exists(loc) or (storage.is_uri(loc) and storage.is_dir(loc))
+    except OSError as e:
+        raise _io_error(loc, e, "reached") from e
+
+
+def write_dataset(ds: Dataset, out, *, name: str, split_scheme: str, provenance: dict,
                   overwrite: bool = False) -> dict:
-    """Validate, then write `ds` atomically to `out`. Returns the manifest."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
+    """Validate, then write `ds` atomically to `out` (a local path or URI). Returns the manifest."""
+    out = storage.normalize(out)
+    _refuse_bucket_root(out)
+    if _exists(out) and not overwrite:
         raise GtcInputError(f"output {out}", "already exists", "choose a new directory or pass --overwrite")
-    counts = validate_arrays(ds, str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    counts = validate_arrays(ds, out)
+    tmp = storage.staging_dir(out)
     try:
         cols = {"user": pa.array(ds.users.astype(np.int32)), "item": pa.array(ds.items.astype(np.int32)),
                 "split": pa.array(ds.split.astype(np.int8))}
@@ -229,48 +280,77 @@ def write_dataset(ds: Dataset, out: str | Path, *, name: str, split_scheme: str,
             "hashes": hashes, "content_hash": content,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():  # overwrite: move the old one aside first, so a crash leaves one complete copy
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # local: renames (an old copy is moved aside first, so a crash leaves one complete copy);
+    # object store: old manifest deleted first, stale objects removed, manifest uploaded last
+    try:
+        storage.publish_dir(tmp, out, commit="manifest.json")
+    except OSError as e:
+        raise GtcInputError(f"output {out}", f"could not be written ({storage.describe_error(out, e)}); it holds "
+                            "no manifest.json, so no reader will take it for a dataset",
+                            "check the path or URI and the store's credentials (AWS_* for S3), then re-run "
+                            "with --overwrite") from e
     return manifest
 
 
 # ----------------------------------------------------------------------------------------- read
 
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    mf = path / "manifest.json"
-    if not mf.is_file():
-        raise GtcInputError(f"dataset {path}", "has no manifest.json (not a gtc-ray dataset directory)",
+def read_manifest(path) -> dict:
+    """The manifest of the dataset at a location (local path or URI), checked."""
+    loc = storage.normalize(path)
+    mf = storage.join(loc, "manifest.json")
+    try:
+        found = storage.is_file(mf)
+        leftovers = [] if found else storage.listdir(loc)
+    except OSError as e:
+        raise _io_error(loc, e, "read") from e
+    if not found:
+        if leftovers:
+            raise GtcInputError(f"dataset {loc}", "has files but no manifest.json: an import into it was "
+                                "interrupted (the manifest is written last), or it is not a gtc-ray dataset",
+                                "re-run the import (`gtc-ray data import-mmrec`, `gtc-ray data import` or "
+                                "`gtc-ray data synth`) into it with --overwrite",
+                                leftovers[:5])
+        raise GtcInputError(f"dataset {loc}", "has no manifest.json (not a gtc-ray dataset directory)",
                             "create one with `gtc-ray data import-mmrec`, `gtc-ray data import` or `gtc-ray data synth`")
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(storage.read_text(mf))
     except json.JSONDecodeError as e:
-        raise GtcInputError(str(mf), f"is not valid JSON ({e})", "re-import the dataset") from e
+        raise GtcInputError(mf, f"is not valid JSON ({e})", "re-import the dataset") from e
+    except OSError as e:
+        raise _io_error(loc, e, "read") from e
+    if not isinstance(manifest, dict):
+        raise GtcInputError(mf, "is not a JSON object", "re-import the dataset")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise GtcInputError(str(mf), f"format {manifest.get('format')!r} version {manifest.get('version')!r} "
+        raise GtcInputError(mf, f"format {manifest.get('format')!r} version {manifest.get('version')!r} "
                             f"is not {FORMAT!r} version {VERSION}", "re-import the dataset with this gtc-ray")
     for k in ("num_users", "num_items", "modalities", "hashes", "splits"):
         if k not in manifest:
-            raise GtcInputError(str(mf), f"is missing the field {k!r}", "re-import the dataset")
+            raise GtcInputError(mf, f"is missing the field {k!r}", "re-import the dataset")
     return manifest
 
 
-def verify_hashes(path: Path, manifest: dict) -> None:
+def verify_hashes(path, manifest: dict) -> None:
+    """Re-hash every file the manifest lists (streamed from its file system)."""
     for rel, expected in manifest["hashes"].items():
-        p = path / rel
-        if not p.is_file():
-            raise GtcInputError(f"{p}", "is listed in manifest.json but missing", "re-import the dataset")
+        p = storage.join(path, rel)
+        if not storage.is_file(p):
+            raise GtcInputError(p, "is listed in manifest.json but missing", "re-import the dataset")
         if sha256_file(p) != expected:
-            raise GtcInputError(f"{p}", "content no longer matches the hash in manifest.json (edited or corrupted "
+            raise GtcInputError(p, "content no longer matches the hash in manifest.json (edited or corrupted "
                                 "after import)", "re-import the dataset rather than editing its files")
+
+
+def _read_parquet(loc: str) -> pa.Table:
+    try:
+        with storage.open_input(loc) as f:
+            return pq.read_table(f)
+    except FileNotFoundError as e:
+        raise GtcInputError(loc, "is missing", "re-import the dataset") from e
+    except pa.ArrowInvalid as e:
+        raise GtcInputError(loc, f"is not a readable Parquet table ({e})", "re-import the dataset") from e
 
 
 def _require_columns(table: pa.Table, where: str, required: dict) -> None:
@@ -283,9 +363,9 @@ def _require_columns(table: pa.Table, where: str, required: dict) -> None:
                                 f"store {col!r} as an integer column")
 
 
-def read_features(path: Path, name: str, info: dict, num_items: int) -> np.ndarray:
-    where = str(path / info["file"])
-    t = pq.read_table(path / info["file"])
+def read_features(path, name: str, info: dict, num_items: int) -> np.ndarray:
+    where = storage.join(path, info["file"])
+    t = _read_parquet(where)
     _require_columns(t, where, {"item": pa.types.is_integer, "feature": lambda ty: True})
     ftype = t.schema.field("feature").type
     if not (pa.types.is_fixed_size_list(ftype) or pa.types.is_list(ftype) or pa.types.is_large_list(ftype)):
@@ -310,14 +390,15 @@ def read_features(path: Path, name: str, info: dict, num_items: int) -> np.ndarr
     return out
 
 
-def load_dataset(path: str | Path, *, verify: bool = True, modalities: list[str] | None = None) -> Dataset:
-    """Read and check a dataset directory. `verify` re-hashes the files against the manifest."""
-    path = Path(path).absolute()
+def load_dataset(path, *, verify: bool = True, modalities: list[str] | None = None) -> Dataset:
+    """Read and check a dataset at a location (local path or URI). `verify` re-hashes the files
+    against the manifest. The result's `path` is the normalized location (a str)."""
+    path = storage.normalize(path)
     manifest = read_manifest(path)
     if verify:
         verify_hashes(path, manifest)
-    t = pq.read_table(path / "interactions.parquet")
-    where = str(path / "interactions.parquet")
+    where = storage.join(path, "interactions.parquet")
+    t = _read_parquet(where)
     _require_columns(t, where, {"user": pa.types.is_integer, "item": pa.types.is_integer,
                                 "split": pa.types.is_integer})
     feats = {}
@@ -326,8 +407,8 @@ def load_dataset(path: str | Path, *, verify: bool = True, modalities: list[str]
             feats[name] = read_features(path, name, info, manifest["num_items"])
     ids = {}
     for kind in ("users", "items"):
-        p = path / f"{kind}.parquet"
-        ids[kind] = pq.read_table(p).column("raw_id").to_numpy(zero_copy_only=False) if p.exists() else None
+        p = storage.join(path, f"{kind}.parquet")
+        ids[kind] = _read_parquet(p).column("raw_id").to_numpy(zero_copy_only=False) if storage.is_file(p) else None
     ds = Dataset(
         users=t.column("user").to_numpy().astype(np.int32), items=t.column("item").to_numpy().astype(np.int32),
         split=t.column("split").to_numpy().astype(np.int8), num_users=manifest["num_users"],
@@ -335,18 +416,18 @@ def load_dataset(path: str | Path, *, verify: bool = True, modalities: list[str]
         timestamps=t.column("timestamp").to_numpy() if "timestamp" in t.column_names else None,
         ratings=t.column("rating").to_numpy() if "rating" in t.column_names else None,
         user_ids=ids["users"], item_ids=ids["items"], manifest=manifest, path=path)
-    validate_arrays(ds, str(path))
+    validate_arrays(ds, path)
     return ds
 
 
-def describe(path: str | Path) -> dict:
+def describe(path) -> dict:
     """A summary of a dataset (what `gtc-ray data describe` prints)."""
     ds = load_dataset(path)
     m = ds.manifest
     train_u, _ = ds.split_pairs("train")
     per_user = np.bincount(train_u, minlength=ds.num_users)
     return {
-        "path": str(ds.path), "name": m["name"], "num_users": ds.num_users, "num_items": ds.num_items,
+        "path": ds.path, "name": m["name"], "num_users": ds.num_users, "num_items": ds.num_items,
         "num_interactions": m["num_interactions"], "splits": m["splits"], "split_scheme": m["split_scheme"],
         "modalities": {k: v["dim"] for k, v in m["modalities"].items()},
         "density": m["num_interactions"] / (ds.num_users * ds.num_items),

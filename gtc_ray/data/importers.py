@@ -7,6 +7,9 @@ MMRec folder (spec §1): `<name>.inter` (TSV: userID itemID [rating] [timestamp]
 Generic tables: interactions (Parquet/CSV/TSV with raw user and item ids, optional timestamp and
 rating) plus one feature table per modality keyed by raw item id. Steps: drop rows with missing
 ids, optional de-duplication, iterative k-core, contiguous re-indexing, then a seeded split.
+
+The raw inputs are local files; the output `out` is a location (gtc_ray.storage): a local path or
+a URI such as `s3://bucket/ml100k`, published with its manifest last (see dataset.write_dataset).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from gtc_ray import storage
 from gtc_ray.data.dataset import Dataset, write_dataset
 from gtc_ray.errors import GtcInputError
 
@@ -81,9 +85,19 @@ def kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- tables
 
+def _local_source(path: str | Path, what: str) -> Path:
+    """A raw input file or folder: a local path (file:// accepted); other URIs are refused clearly."""
+    if storage.is_uri(path):
+        if not storage.is_local(path):
+            raise GtcInputError(f"{what} {path}", "is a remote URI; raw import inputs must be local files",
+                                "copy it to a local path first (only the output dataset may be a URI)")
+        return storage.local_path(path)
+    return Path(path)
+
+
 def read_table(path: str | Path, what: str) -> pa.Table:
     """Parquet, CSV or TSV by extension (delimiter sniffed for .csv/.txt)."""
-    p = Path(path)
+    p = _local_source(path, what)
     if not p.is_file():
         raise GtcInputError(f"{what} {p}", "does not exist", "check the path")
     suf = p.suffix.lower()
@@ -124,13 +138,13 @@ def _read_id_map(path: Path, n: int) -> np.ndarray | None:
     return raw
 
 
-def import_mmrec(src: str | Path, out: str | Path, *, overwrite: bool = False, dedup: bool = False,
+def import_mmrec(src: str | Path, out, *, overwrite: bool = False, dedup: bool = False,
                  log=print) -> dict:
     """Import an MMRec folder (see module docstring). Returns the manifest.
 
     dedup: keep the first row (in file order) of each duplicate (user, item) pair; without it
     duplicates are an error. Every check runs before anything is written."""
-    src = Path(src)
+    src = _local_source(src, "MMRec folder")
     if not src.is_dir():
         raise GtcInputError(f"MMRec folder {src}", "does not exist", "pass the folder holding <name>.inter")
     inters = sorted(src.glob("*.inter"))
@@ -230,7 +244,7 @@ def _feature_matrix(t: pa.Table, id_col: str, where: str) -> tuple[np.ndarray, n
     return ids, mat
 
 
-def import_tables(interactions: str | Path, out: str | Path, *, features: dict[str, str] | None = None,
+def import_tables(interactions: str | Path, out, *, features: dict[str, str] | None = None,
                   user_col: str = "user_id", item_col: str = "item_id", time_col: str | None = "timestamp",
                   rating_col: str | None = "rating", feature_id_col: str = "item_id", kcore_k: int = 5,
                   split: str = "random", seed: int = 2026, dedup: bool = False, fill_missing: str | None = None,
@@ -238,6 +252,8 @@ def import_tables(interactions: str | Path, out: str | Path, *, features: dict[s
     """Import raw tables (see module docstring). Returns the manifest."""
     if split not in ("random", "chrono"):
         raise GtcInputError("--split", f"unknown split {split!r}", "use 'random' or 'chrono'")
+    interactions = _local_source(interactions, "interaction table")
+    features = {k: str(_local_source(v, f"feature table {k}")) for k, v in (features or {}).items()}
     t = read_table(interactions, "interaction table")
     where = str(interactions)
     raw_u = _column(t, user_col, where)

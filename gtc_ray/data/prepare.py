@@ -8,18 +8,21 @@ Both are built in row blocks, so memory grows with rows x k (plus one block), ne
   neighbours per user by shared-item count (ties by ascending user index). Same neighbours and
   counts as the original O(U²) procedure, up to the order of ties.
 
-The result is cached at `DATASET/prepared/<key>/graphs.npz`, where the key hashes the dataset's
-content hash and every parameter that shapes the graphs (fixes B10). It is written to a temporary
-directory, renamed into place and made read-only: parallel trials share it and never write it.
+The result is cached at `DATASET/prepared/<key>/graphs.npz` (+ meta.json), where the key hashes
+the dataset's content hash and every parameter that shapes the graphs (fixes B10). It is always
+built in a local staging directory. A local dataset gets it renamed into place and made read-only;
+a dataset on an object store (any URI) gets it uploaded with `meta.json` last, the commit: a cache
+hit there needs meta.json, and graphs.npz is then read back in one GET. Parallel trials share the
+cache and, on a hit, only ever read it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from gtc_ray import storage
 from gtc_ray.config import GraphConfig
 from gtc_ray.data.dataset import Dataset
 from gtc_ray.errors import GtcInputError
@@ -41,7 +45,7 @@ class Graphs:
     item_item: sp.csr_matrix  # [I, I] float32, row-stochastic blend of the modality kNN graphs (may be empty)
     user_user: sp.csr_matrix  # [U, U] float32 shared-item counts, top user_topk per row
     key: str
-    path: Path | None = None
+    path: Path | str | None = None  # the cache directory: a Path for a local dataset, a URI str otherwise
 
 
 def modality_weights(cfg: GraphConfig, names: list[str]) -> dict[str, float]:
@@ -137,12 +141,23 @@ def _save(path: Path, g: Graphs, meta: dict) -> None:
     (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _load(path: Path, key: str) -> Graphs:
-    with np.load(path / "graphs.npz", allow_pickle=False) as z:
-        s = z["shape"]
-        ii = sp.csr_matrix((z["ii_data"], z["ii_indices"], z["ii_indptr"]), shape=(int(s[0]), int(s[1])))
-        uu = sp.csr_matrix((z["uu_data"], z["uu_indices"], z["uu_indptr"]), shape=(int(s[2]), int(s[3])))
+COMMIT = "meta.json"  # written last when the cache is published to an object store
+
+
+def _from_npz(z, key: str, path) -> Graphs:
+    s = z["shape"]
+    ii = sp.csr_matrix((z["ii_data"], z["ii_indices"], z["ii_indptr"]), shape=(int(s[0]), int(s[1])))
+    uu = sp.csr_matrix((z["uu_data"], z["uu_indices"], z["uu_indptr"]), shape=(int(s[2]), int(s[3])))
     return Graphs(ii, uu, key, path)
+
+
+def _load(path, key: str) -> Graphs:
+    """Read a cache directory: a local Path, or a URI (graphs.npz fetched whole, in one read)."""
+    if isinstance(path, Path):
+        with np.load(path / "graphs.npz", allow_pickle=False) as z:
+            return _from_npz(z, key, path)
+    with np.load(io.BytesIO(storage.read_bytes(storage.join(path, "graphs.npz"))), allow_pickle=False) as z:
+        return _from_npz(z, key, path)
 
 
 def build_graphs(ds: Dataset, cfg: GraphConfig, modalities: list[str] | None = None, log=print) -> tuple[Graphs, dict]:
@@ -163,19 +178,24 @@ def build_graphs(ds: Dataset, cfg: GraphConfig, modalities: list[str] | None = N
 
 
 def prepare(ds: Dataset, cfg: GraphConfig, modalities: list[str] | None = None, log=print) -> Graphs:
-    """Load the cached graphs for (dataset, cfg), building and caching them atomically if absent."""
+    """Load the cached graphs for (dataset, cfg), building and caching them atomically if absent.
+
+    The cache lives under the dataset's location, local or URI (see the module docstring); the
+    returned Graphs' `path` is its directory (a Path when local, a URI str otherwise)."""
     modalities = list(ds.features) if modalities is None else modalities
     key = graph_key(ds, cfg, modalities)
     if ds.path is None:
         return build_graphs(ds, cfg, modalities, log)[0]
-    final = ds.path / "prepared" / key
+    if storage.local_path(ds.path) is None:
+        return _prepare_uri(ds, cfg, modalities, key, log)
+    final = storage.local_path(ds.path) / "prepared" / key
     if (final / "graphs.npz").is_file():
         log(f"using prepared graphs {final}")
         return _load(final, key)
     log(f"preparing graphs -> {final}")
     g, meta = build_graphs(ds, cfg, modalities, log)
     final.parent.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
+    tmp = storage.staging_dir(final)  # beside it: the rename stays on one file system
     try:
         _save(tmp, g, meta)
         for p in tmp.iterdir():
@@ -188,4 +208,35 @@ def prepare(ds: Dataset, cfg: GraphConfig, modalities: list[str] | None = None, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     g.path = final
+    return g
+
+
+def _prepare_uri(ds: Dataset, cfg: GraphConfig, modalities: list[str], key: str, log) -> Graphs:
+    """prepare() for a dataset on an object store: a hit reads the bucket only; a miss builds
+    locally and publishes with meta.json (the commit) last, unless another process did first."""
+    final = storage.join(ds.path, "prepared", key)
+    commit = storage.join(final, COMMIT)
+    broken = False
+    try:
+        if storage.is_file(commit):
+            log(f"using prepared graphs {final}")
+            return _load(final, key)
+    except (OSError, KeyError, ValueError) as e:  # unreadable cache: rebuilt and republished below
+        broken = True
+        log(f"  prepared graphs at {final} unreadable ({storage.describe_error(final, e)}); rebuilding")
+    log(f"preparing graphs -> {final}")
+    g, meta = build_graphs(ds, cfg, modalities, log)
+    g.path = final
+    if not broken and storage.is_file(commit):  # another trial published while this one built: keep its copy
+        return g
+    tmp = storage.staging_dir(final)
+    try:
+        _save(tmp, g, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        storage.publish_dir(tmp, final, commit=COMMIT)
+    except OSError as e:  # e.g. a read-only bucket: the graphs are still usable for this run
+        log(f"  warning: could not cache the graphs at {final} ({storage.describe_error(final, e)})")
     return g

@@ -120,6 +120,7 @@ def generate(spec: SynthSpec, seed: int = 0) -> Dataset:
 
 
 def synth(out, preset: str = "tiny", seed: int = 0, overwrite: bool = False, **overrides) -> dict:
+    """Generate a preset and write it to `out`, a local path or a URI (e.g. s3://bucket/tiny)."""
     if preset not in PRESETS:
         raise GtcInputError("--preset", f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)}")
     spec = SynthSpec(**{**PRESETS[preset].__dict__, **{k: v for k, v in overrides.items() if v is not None}})

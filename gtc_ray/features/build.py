@@ -1,14 +1,15 @@
 """`gtc-ray features`: raw item content -> a modality table, as Ray Data batch inference.
 
-    gtc-ray features text ITEMS --column text --out DATASET_DIR [--modality text] [--id-column C]
-    gtc-ray features image IMAGES_DIR --out DATASET_DIR [--modality image]
+    gtc-ray features text ITEMS --column text --out DATASET [--modality text] [--id-column C]
+    gtc-ray features image IMAGES_DIR --out DATASET [--modality image]
 
 ITEMS is a Parquet/CSV/TSV table with an item-id column; IMAGES_DIR holds `<item id>.<jpg|png|...>`.
 Ids are matched through the dataset's id map (`--id-kind raw`, the default) or taken as the
 dataset's 0-based item indices (`--id-kind index`, e.g. MMRec's `item_text.tsv` and `posters/`).
 The encoder runs in `map_batches` over an actor pool (the model loaded once per actor;
 `--batch-size`, `--concurrency`); items without content get the mean vector and are counted. The
-modality's Parquet table and the manifest are replaced atomically.
+modality's Parquet table and the manifest are replaced atomically (manifest last). DATASET is a
+local path or a URI (s3://...); ITEMS and IMAGES_DIR are local.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gtc_ray import storage
 from gtc_ray.data.dataset import read_manifest, replace_modality
 from gtc_ray.errors import GtcInputError
 from gtc_ray.features.encoders import ENCODERS
@@ -36,14 +38,16 @@ class EncodeBatch:
         return {"item": batch["item"], "feature": self.encoder(list(batch["value"]))}
 
 
-def _index_of(path: Path, ids: list, id_kind: str, where: str) -> np.ndarray:
+def _index_of(path: str, ids: list, id_kind: str, where: str) -> np.ndarray:
+    """Dataset item indices of content ids; `path` is the dataset's location (local path or URI)."""
     import pyarrow.parquet as pq
     n = read_manifest(path)["num_items"]
     if id_kind == "index":
         idx = np.array([int(x) if str(x).lstrip("-").isdigit() else -1 for x in ids])
         idx[(idx < 0) | (idx >= n)] = -1
     elif id_kind == "raw":
-        raw = pq.read_table(path / "items.parquet").column("raw_id").to_numpy(zero_copy_only=False).astype(str)
+        with storage.open_input(storage.join(path, "items.parquet")) as f:
+            raw = pq.read_table(f).column("raw_id").to_numpy(zero_copy_only=False).astype(str)
         pos = {r: j for j, r in enumerate(raw)}
         idx = np.array([pos.get(str(x), -1) for x in ids])
     else:
@@ -89,7 +93,7 @@ def _assemble(vectors: dict, n: int, dim: int) -> tuple[np.ndarray, int]:
 def build_text(items_path, out, *, column: str = "text", id_column: str | None = None, id_kind: str = "raw",
                modality: str = "text", batch_size: int = 64, concurrency: int = 1, log=print) -> dict:
     from gtc_ray.data.importers import read_table
-    out = Path(out).absolute()
+    out = storage.normalize(out)  # the dataset: a local path or a URI
     n = read_manifest(out)["num_items"]
     t = read_table(items_path, "item table")
     where = str(items_path)
@@ -120,7 +124,7 @@ def build_text(items_path, out, *, column: str = "text", id_column: str | None =
 
 def build_image(images_dir, out, *, id_kind: str = "raw", modality: str = "image", batch_size: int = 32,
                 concurrency: int = 1, log=print) -> dict:
-    out = Path(out).absolute()
+    out = storage.normalize(out)  # the dataset: a local path or a URI
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise GtcInputError(f"image folder {images_dir}", "does not exist", "pass a folder of <item id>.jpg files")
