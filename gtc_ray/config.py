@@ -107,7 +107,10 @@ class RayConfig:
     # worker-group restarts per run (Ray Train FailureConfig): a lost worker resumes from the
     # latest checkpoint; 0 turns fault tolerance off
     max_failures: int = 3
-    storage_path: str = "gtc_runs"  # Ray Train storage (checkpoints); relative to the working dir
+    storage_path: str = "gtc_runs"  # Ray Train storage (checkpoints): a directory or a URI (s3://...)
+    # extra resources each Train worker asks for, e.g. {wnode: 0.01} (a custom resource that only
+    # some nodes have) to place training on those nodes; CPU and GPU come from the keys above
+    worker_resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -167,6 +170,12 @@ def _check_ranges(cfg: Config) -> None:
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise GtcInputError(f"config key {k}", f"must be >= 0, got {v!r}", f"set {k} to a value >= 0")
     cpw = cfg.ray.cpus_per_worker
+    bad = {k: v for k, v in cfg.ray.worker_resources.items()
+           if str(k).upper() in ("CPU", "GPU") or not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0}
+    if bad:
+        raise GtcInputError("config key ray.worker_resources", f"{bad} is not a mapping of custom resource names "
+                            "to positive amounts (CPU and GPU have their own keys)",
+                            "e.g. --set 'ray.worker_resources={wnode: 0.01}'; use ray.cpus_per_worker / --gpu")
     if cpw is not None and not (isinstance(cpw, (int, float)) and math.isfinite(cpw) and cpw > 0):
         raise GtcInputError("config key ray.cpus_per_worker", f"must be a positive number or null, got {cpw!r}",
                             "set ray.cpus_per_worker to a value > 0, or null to size it automatically")

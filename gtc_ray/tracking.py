@@ -4,6 +4,11 @@ Default store: `sqlite:///<cwd>/mlflow.db` with artifacts under `<cwd>/mlartifac
 Ray workers and trial processes, which change directory, still write to the right place;
 RAY_NOTES §2). `MLFLOW_TRACKING_URI` (or `--tracking-uri`) points at a real server instead.
 
+Before any work, `check_server` makes sure an http(s) tracking URI is an MLflow server that
+answers (one request, seconds); later requests retry briefly (HTTP_DEFAULTS) instead of MLflow's
+minutes. On a multi-node Ray cluster the implicit SQLite default is refused
+(gtc_ray.train.cluster.check_cluster_tracking).
+
 MLflow metric names may not contain '@': `recall@20` is logged as `recall_at_20`.
 """
 
@@ -15,14 +20,101 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from gtc_ray.errors import GtcInputError
+
 DEFAULT_EXPERIMENT = "gtc-ray"
+
+# MLflow's own HTTP defaults (7 retries, backoff factor 2, 120 s timeout) keep a command waiting
+# ~4.5 minutes on a tracking server that is down before it fails. Ours: 3 retries spaced 0, 2 and
+# 4 s (+ up to 0.5 s jitter) ride out a server restart, and 30 s per connect/read bounds a server
+# that accepts connections but never answers. setdefault: the user's own values win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+PREFLIGHT_TIMEOUT_S = 5  # the start-up check: one try, no retries
+
+
+def configure_http() -> None:
+    """HTTP_DEFAULTS into this process's environment (read by MLflow at every request)."""
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def given_tracking_uri(uri: str | None = None) -> str | None:
+    """The tracking URI the user gave (--tracking-uri, else MLFLOW_TRACKING_URI), None for the default."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = given_tracking_uri(uri)
     if uri:
         return uri
     return f"sqlite:///{Path.cwd().absolute() / 'mlflow.db'}"
+
+
+def is_http(uri: str) -> bool:
+    return uri.partition("://")[0].lower() in ("http", "https")
+
+
+def is_local_store(uri: str) -> bool:
+    """A store that is a file of this machine: sqlite:///..., file:..., or a plain path."""
+    scheme = uri.partition(":")[0].lower() if "://" in uri or uri.startswith("file:") else ""
+    return scheme in ("", "sqlite", "file")
+
+
+def check_server(uri: str | None = None) -> None:
+    """Before any work: an http(s) tracking URI (`uri` as given, else MLFLOW_TRACKING_URI) must be an
+    MLflow server that answers, within seconds (one request, no retries); other stores pass.
+    Failing that, a GtcInputError. Also installs HTTP_DEFAULTS for the later requests."""
+    configure_http()
+    given = given_tracking_uri(uri)
+    if given is None or not is_http(given):
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+    where = f"MLflow tracking server {given} ({'--tracking-uri' if uri else 'MLFLOW_TRACKING_URI'})"
+    endpoint = "/api/2.0/mlflow/experiments/search"
+    start = ("start it (`mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db`), "
+             "check the host and port, or drop --tracking-uri and unset MLFLOW_TRACKING_URI to use the "
+             "local SQLite store")
+    try:
+        r = http_request(get_default_host_creds(given), endpoint, "GET", params={"max_results": 1},
+                         max_retries=0, backoff_factor=0, backoff_jitter=0, timeout=PREFLIGHT_TIMEOUT_S,
+                         raise_on_status=False)
+    except Exception as e:
+        msg = str(e)
+        low = msg.lower()
+        if "refused" in low:
+            why = "connection refused: nothing listens there"
+        elif "name or service not known" in low or "name resolution" in low or "nodename nor servname" in low:
+            why = "unknown host"
+        elif "timed out" in low or "timeout" in low:
+            why = f"no answer within {PREFLIGHT_TIMEOUT_S} s"
+        elif "ssl" in low or "certificate" in low:
+            why = "TLS error: " + " ".join(msg.split())[-200:]
+        else:
+            why = " ".join(msg.split())[-200:]
+        raise GtcInputError(where, f"is not reachable ({why})", start) from None
+    body = (r.text or "")[:150].replace("\n", " ").strip()
+    if r.status_code in (401, 403):
+        raise GtcInputError(where, f"refused the request ({r.status_code}: {body})",
+                            "give its credentials: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                            "MLFLOW_TRACKING_TOKEN")
+    if r.status_code >= 500:
+        raise GtcInputError(where, f"answered {r.status_code} ({body})",
+                            "check the server's log (its backend store or database), then retry")
+    try:
+        ok = r.status_code == 200 and isinstance(r.json(), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise GtcInputError(where, f"answers HTTP but is not an MLflow tracking server (GET {endpoint} gave "
+                            f"{r.status_code}: {body or 'an empty body'})",
+                            "point --tracking-uri / MLFLOW_TRACKING_URI at the `mlflow server` address, "
+                            "http://HOST:PORT (with a path only if the server runs with --static-prefix)")
 
 
 def artifact_root(uri: str) -> str | None:
@@ -67,6 +159,7 @@ def git_commit() -> str:
 def client(uri: str | None = None):
     import mlflow
     from mlflow.tracking import MlflowClient
+    configure_http()  # in every process that talks to the store (driver, Train controller)
     uri = resolve_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

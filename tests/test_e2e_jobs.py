@@ -1,22 +1,20 @@
 """End to end: a real Ray head node on loopback, `jobs/train.py` submitted with JobSubmissionClient.
 
-Runs in its own pytest invocation (`-m e2e`, see the Makefile): `ray stop` ends every Ray process
-of the machine, so it must not share a session with the suite's local cluster.
+Runs in its own pytest invocation (`-m e2e`, see the Makefile), apart from the suite's local cluster.
 """
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
+from raynodes import RayNodes
 
 pytestmark = pytest.mark.e2e
 
@@ -28,27 +26,13 @@ def _create_store(uri: str) -> None:
     MlflowClient(uri).search_experiments()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def head_node(tmp_path):
-    ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    port, dash = _free_port(), _free_port()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
-    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    "--disable-usage-stats", f"--temp-dir={temp}"],
-                   env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+def head_node():
+    """A Ray head node of its own on loopback (tests/raynodes.py): free GCS, dashboard, Ray Client and
+    dashboard-agent ports, so it coexists with any other Ray on the machine, and stopped by PID (a
+    `ray stop` here used to end every Ray of the machine, other people's runs included)."""
+    with RayNodes(workers=0, head_cpus=2) as c:
+        yield c.address, c.env
 
 
 @pytest.mark.timeout(600)

@@ -201,6 +201,21 @@ def test_two_worker_runs_are_reproducible(ddp_runs):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
+def test_each_worker_holds_only_its_block_of_the_features(ddp_runs):
+    """With the default train.shard_item_work, Ray Data hands each of the 2 workers the feature rows
+    of its item block only: what the workers report holding is half the tables (the larger half)."""
+    from gtc_ray.data.dataset import read_manifest
+    root, runs = ddp_runs
+    m = read_manifest(root / "small")
+    block = -(-m["num_items"] // 2)
+    expect = sum(block * v["dim"] * 4 for v in m["modalities"].values()) / 2 ** 20
+    hist = read_meta(runs["a"]["checkpoint"])["history"]
+    assert hist[0]["feature_mb"] == pytest.approx(expect)
+    assert expect < 0.51 * sum(m["num_items"] * v["dim"] * 4 for v in m["modalities"].values()) / 2 ** 20
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
 def test_two_workers_match_one_process_within_tolerance(ddp_runs):
     """A 2-worker run draws other batches (each worker shuffles its own shard), so it is not the
     1-process run bit for bit; the same number of steps of the same global batch must land close.

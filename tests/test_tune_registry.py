@@ -37,6 +37,8 @@ def test_shipped_spaces_are_valid(name):
     ("params: {train.lr: {uniform: 0.1}}", "needs a list"),
     ("params: {model.tc_mode: {choice: [n, cubic]}}", "is not valid"),
     ("params: {}", "non-empty mapping"),
+    ("params: {graph.knn_k: {grid: [5, 10]}}", "fixed for the whole search"),
+    ("params: {eval.mask_valid_in_test: {choice: [true, false]}}", "fixed for the whole search"),
     ("samples: 0\nparams: {train.lr: {uniform: [0.1, 1]}}", "positive integer"),
     ("scheduler: {type: hyperband}\nparams: {train.lr: {uniform: [0.1, 1]}}", "unknown scheduler"),
     ("budget: 3\nparams: {train.lr: {uniform: [0.1, 1]}}", "unknown top-level key"),

@@ -102,13 +102,17 @@ class GTC(nn.Module):
         self.low_precision = torch.bfloat16 if cfg.matmul_precision == "bfloat16" else None
         self.item_shard: ItemShard | None = None  # set by the trainer for sharded DDP (sharding.py)
         self.features: dict[str, torch.Tensor] = {}
+        self.feature_rows = (0, num_items)  # the item rows self.features holds (attach)
         self.adj = self.item_graph = self.user_graph = None
 
     # ------------------------------------------------------------------ fixed data
     def attach(self, features: dict[str, np.ndarray], adj: sp.csr_matrix, item_graph: sp.csr_matrix | None,
-               user_graph: sp.csr_matrix | None, device=None) -> "GTC":
-        """Set the fixed tensors (features, normalised adjacency, item-item and user-user graphs)."""
+               user_graph: sp.csr_matrix | None, device=None, feature_rows: tuple[int, int] | None = None) -> "GTC":
+        """Set the fixed tensors (features, normalised adjacency, item-item and user-user graphs).
+        `feature_rows` (lo, hi): the features given are those item rows only, this worker's block
+        of the item-sharded work (item_shard must then be set before any forward); default all."""
         device = device or self.item_embedding.device
+        self.feature_rows = feature_rows or (0, self.num_items)
         # frozen inputs: with bf16 products they are stored in bf16 once (half the memory, and no
         # per-step cast of the [I, 4096] visual features); converted in the copy to the device, so
         # no float32 copy is made there first
@@ -162,7 +166,10 @@ class GTC(nn.Module):
     def _project(self, m: str, lo: int, hi: int) -> torch.Tensor:
         """F_m for item rows [lo, hi), float32. With bf16 products the matrix product runs in bf16
         (float32 accumulation) on the stored bf16 features: the visual projection is I x 4096 x d."""
-        proj, x = self.projections[m], self.features[m][lo:hi]
+        f_lo, f_hi = self.feature_rows
+        if lo < f_lo or hi > f_hi:
+            raise RuntimeError(f"feature rows [{lo}, {hi}) requested, this model holds [{f_lo}, {f_hi})")
+        proj, x = self.projections[m], self.features[m][lo - f_lo:hi - f_lo]
         if self.low_precision is None:
             return proj(x)
         return F.linear(x, proj.weight.to(x.dtype), proj.bias.to(x.dtype)).float()
@@ -174,10 +181,12 @@ class GTC(nn.Module):
         user_rows: return the final embeddings of these users only (a training batch): the user-user
         aggregation G Z is then computed for those rows of G, not all U (it was ~10% of a step).
 
-        With a shard (training only), L_gen and L_TC come back as W x this worker's share: DDP's
-        average of the workers' gradients is then the full losses' gradient (see sharding.py)."""
+        With a shard, only this worker's item rows are filtered (then gathered), in evaluation too,
+        where the result is the same on every worker. In training L_gen and L_TC come back as W x this
+        worker's share: DDP's average of the workers' gradients is then the full losses' gradient
+        (see sharding.py)."""
         e = self.item_embedding
-        shard = shard if train and shard is not None and shard.world > 1 else None
+        shard = shard if shard is not None and shard.world > 1 else None
         xs, l_gen = self._filtered_content(generator, train, shard)
         if self.gate_mode == "as_written":
             by_name = dict(zip(self.modalities, xs))
@@ -252,7 +261,8 @@ class GTC(nn.Module):
             return self._eval_cache
         gen = torch.Generator(device=self.item_embedding.device)
         gen.manual_seed(seed)
-        out = self.embed(gen, train=False)
+        # sharded: every worker filters its item block (all ranks call this together)
+        out = self.embed(gen, train=False, shard=self.item_shard)
         return out["users"], out["items"]
 
     @torch.no_grad()

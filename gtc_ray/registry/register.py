@@ -9,6 +9,10 @@ interacted items (all splits) as one .npz artifact; `serving.py` is logged as th
 ("models from code"), so serving needs neither Ray nor torch nor gtc-ray. The model version records
 the source run, validation and test metrics, the dataset hash and the checkpoint's hash; the same
 checkpoint is not registered twice unless asked (`--force-new-version`).
+
+Checkpoints and searches may live in Ray Train/Tune storage on a URI (`--storage s3://bucket/runs`,
+`--checkpoint s3://bucket/runs/RUN/checkpoint_...`): they are read through gtc_ray.storage and Ray's
+checkpoint API, from any machine that can reach the storage, without a Ray cluster.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gtc_ray import tracking
+from gtc_ray import storage as locations, tracking
 from gtc_ray.config import config_from_dict
 from gtc_ray.errors import GtcInputError
 
@@ -62,16 +66,22 @@ def resolve_source(search: str | None, checkpoint: str | None, storage: str | Pa
         raise GtcInputError("gtc-ray register", "needs exactly one of --search NAME or --checkpoint PATH",
                             "name the search whose best trial to register, or a checkpoint directory")
     if search:
-        f = Path(storage).absolute() / search / "search.json"
-        if not f.is_file():
+        f = locations.join(storage, search, "search.json")  # a local path or a URI
+        try:
+            found = locations.is_file(f)
+        except Exception as e:  # unreachable store, missing bucket, no credentials
+            raise GtcInputError(f"--storage {locations.normalize(storage)}",
+                                f"cannot be read ({locations.describe_error(f, e)})",
+                                "check the location and the storage's credentials (e.g. the AWS_* variables)") from e
+        if not found:
             raise GtcInputError(f"search {search}", f"has no summary at {f} (not finished, or another --storage)",
                                 "finish it with `gtc-ray tune --name NAME --resume`, or pass --storage")
-        s = json.loads(f.read_text())
+        s = json.loads(locations.read_text(f))
         return {"checkpoint": s["checkpoint"], "run_id": s.get("best_run_id"), "valid": s["valid"], "test": s["test"],
                 "data_dir": s.get("data_dir")}
-    from gtc_ray.train.checkpoint import read_meta
-    meta = read_meta(checkpoint)
-    return {"checkpoint": str(Path(checkpoint).absolute()), "run_id": None, "valid": meta.get("valid"),
+    from gtc_ray.train.checkpoint import read_meta_at
+    meta = read_meta_at(checkpoint)
+    return {"checkpoint": locations.normalize(checkpoint), "run_id": None, "valid": meta.get("valid"),
             "test": meta.get("test") or None, "data_dir": None}
 
 
@@ -80,14 +90,15 @@ def register(*, name: str, search: str | None = None, checkpoint: str | None = N
              data_dir: str | None = None, log=print) -> dict:
     import mlflow
     src = resolve_source(search, checkpoint, storage)
+    tracking.check_server(tracking_uri)  # an http(s) server answers, within seconds
     uri = tracking.resolve_tracking_uri(tracking_uri)
     c = tracking.client(uri)
     if not src["valid"] or not src["test"]:  # an intermediate checkpoint: evaluate it once
         from gtc_ray.train.evaluate import evaluate_checkpoint
         res = evaluate_checkpoint(src["checkpoint"], data_dir or src["data_dir"])
         src["valid"], src["test"] = res["valid"], res["test"]
-    from gtc_ray.train.checkpoint import read_meta
-    sha = _checkpoint_sha(read_meta(src["checkpoint"]))
+    from gtc_ray.train.checkpoint import read_meta_at
+    sha = _checkpoint_sha(read_meta_at(src["checkpoint"]))
     if not force_new_version:
         existing = [v for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("gtc.checkpoint_sha") == sha]
         if existing:
@@ -137,6 +148,7 @@ def recommend(model_uri: str, users: list[str], k: int = 10, exclude_seen: bool 
               tracking_uri: str | None = None):
     import mlflow
     import pandas as pd
+    tracking.check_server(tracking_uri)  # an http(s) server answers, within seconds
     uri = tracking.resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -4,18 +4,26 @@ meta.json carries the config, epoch, best validation metric, history, the datase
 and the sha256 of every tensor file, so a truncated or edited checkpoint is detected and reported
 instead of loaded. Tensors are saved with torch.save and loaded with `weights_only=True` (no
 arbitrary unpickling). Writes go to a temporary directory renamed into place.
+
+A checkpoint's location is a local directory or a URI in Ray Train/Tune storage (`s3://...`):
+read_meta and load_file read a local directory; `local_checkpoint(loc)` gives one for any location
+(a URI is copied locally through Ray's checkpoint API), `read_meta_at(loc)` reads only meta.json,
+and `checkpoint_location` turns the path Ray reports for a checkpoint into its location.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from gtc_ray import storage
 from gtc_ray.data.dataset import sha256_file
 from gtc_ray.errors import GtcInputError
 
@@ -53,13 +61,93 @@ def read_meta(path: str | Path) -> dict:
     if not mf.is_file():
         raise GtcInputError(f"checkpoint {path}", "has no meta.json (not a gtc-ray checkpoint)",
                             "pass the checkpoint directory printed at the end of `gtc-ray train`")
+    return _parse_meta(mf.read_text(), str(mf))
+
+
+def _parse_meta(text: str, where: str) -> dict:
     try:
-        meta = json.loads(mf.read_text())
+        meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise GtcInputError(str(mf), f"is corrupted ({e})", "use another checkpoint of the run") from e
-    if meta.get("format") != CKPT_FORMAT:
-        raise GtcInputError(str(mf), "is not a gtc-ray checkpoint", "pass a checkpoint written by gtc-ray train")
+        raise GtcInputError(where, f"is corrupted ({e})", "use another checkpoint of the run") from e
+    if not isinstance(meta, dict) or meta.get("format") != CKPT_FORMAT:
+        raise GtcInputError(where, "is not a gtc-ray checkpoint", "pass a checkpoint written by gtc-ray train")
     return meta
+
+
+def _require_remote_checkpoint(loc: str) -> str:
+    """The meta.json location of a checkpoint URI, after checking that it is there."""
+    mf = storage.join(loc, "meta.json")
+    try:
+        found = storage.is_file(mf)
+    except Exception as e:  # unreachable store, missing bucket, no credentials
+        raise GtcInputError(f"checkpoint {loc}", f"cannot be read ({storage.describe_error(loc, e)})",
+                            "check the URI and the storage's credentials (e.g. the AWS_* variables)") from e
+    if not found:
+        raise GtcInputError(f"checkpoint {loc}", "has no meta.json (no checkpoint there, or not a gtc-ray one)",
+                            "pass the checkpoint location printed at the end of `gtc-ray train`")
+    return mf
+
+
+def read_meta_at(loc: str | Path) -> dict:
+    """meta.json of the checkpoint at a location (local directory or URI), without its tensors."""
+    loc = storage.normalize(loc)
+    if not storage.is_uri(loc):
+        return read_meta(loc)
+    mf = _require_remote_checkpoint(loc)
+    return _parse_meta(storage.read_text(mf), mf)
+
+
+@contextlib.contextmanager
+def local_checkpoint(loc: str | Path) -> Iterator[Path]:
+    """A local directory holding the checkpoint at `loc`. A local location is used in place; a URI
+    (Ray Train/Tune storage on S3, GCS, ...) is copied to a temporary directory with Ray's
+    checkpoint API, `ray.train.Checkpoint(...).to_directory()` (no Ray cluster needed), and the
+    copy is deleted when the block ends."""
+    loc = storage.normalize(loc)
+    if not storage.is_uri(loc):
+        yield Path(loc)
+        return
+    _require_remote_checkpoint(loc)
+    from ray.train import Checkpoint
+    fs, fs_path = storage.filesystem(loc)  # also covers schemes only fsspec knows
+    tmp = Path(tempfile.mkdtemp(prefix="gtc-ckpt-dl-"))
+    try:
+        yield Path(Checkpoint(path=fs_path, filesystem=fs).to_directory(str(tmp / "checkpoint")))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_location(path: str, root: str | Path) -> str:
+    """The location of a checkpoint that Ray reports as `path` (`Checkpoint.path`, or Tune's
+    `checkpoint_path` metric: a path inside the storage's file system, the bucket's scheme
+    stripped) in Train/Tune storage `root`: the local path itself, or a URI under `root`."""
+    root = storage.normalize(root)
+    if not storage.is_uri(root):
+        return str(Path(path))
+    _, base = storage.filesystem(root)
+    base, path = base.rstrip("/"), str(path).rstrip("/")
+    if path == base:
+        return root
+    if path.startswith(base + "/"):
+        return storage.join(root, path[len(base) + 1:])
+    raise ValueError(f"checkpoint path {path!r} is not inside the storage {root}")
+
+
+def check_storage_supports(loc: str | Path, *, runner: str = "ray", workers: int = 1, where: str = "--storage") -> None:
+    """The in-process runner and Ray Train local mode (workers == 0) write checkpoints to local
+    directories: they need local storage. Refused up front with a URI storage."""
+    loc = storage.normalize(loc)
+    if not storage.is_uri(loc):
+        return
+    if runner == "inprocess":
+        mode = "the in-process runner"
+    elif workers == 0:
+        mode = "Ray Train local mode (--workers 0)"
+    else:
+        return
+    raise GtcInputError(f"{where} {loc}", f"is a URI, and {mode} keeps its checkpoints in a local directory",
+                        "use --workers >= 1 (Ray Train workers write checkpoints to the storage URI), "
+                        "or a local --storage directory")
 
 
 def load_file(path: str | Path, name: str, meta: dict | None = None, map_location="cpu") -> dict:

@@ -45,6 +45,9 @@ def check_local_resources(cfg: Config, workers: int, extra_cpu: float = 0.0) -> 
 
 
 def ensure_ray(cfg: Config, log=print, workers: int = 0, extra_cpu: float = 0.0) -> None:
+    """Join the cluster named by ray.address / RAY_ADDRESS, or start an embedded local Ray. A Ray
+    that cannot be joined or started is a GtcInputError (one paragraph), not a traceback.
+    preflight() calls this early, before any expensive work, when a cluster is named."""
     import ray
     check_local_resources(cfg, workers, extra_cpu)
     if ray.is_initialized():
@@ -54,9 +57,134 @@ def ensure_ray(cfg: Config, log=print, workers: int = 0, extra_cpu: float = 0.0)
     addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     t0 = time.perf_counter()
     if addr:
-        ray.init(address=addr)  # a cluster brings its own resources (RAY_NOTES §3)
+        _connect(addr, "--address / ray.address" if cfg.ray.address else "RAY_ADDRESS")
         log(f"connected to Ray at {addr} ({time.perf_counter() - t0:.1f}s)")
     else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                 log_to_driver=True)
+        _start_local(cfg)
         log(f"started a local Ray with {cfg.ray.num_cpus} CPUs ({time.perf_counter() - t0:.1f}s)")
+
+
+# The address of the dashboard (State API) of the local Ray this process started. Ray's State API
+# clients that get no address -- Train V2's PlacementGroupCleaner and its state actor call
+# ray.util.state.get_actor() so -- look for "the" Ray of the machine: RAY_API_SERVER_ADDRESS, else
+# RAY_ADDRESS, else every gcs_server process found by `ps` plus /tmp/ray/ray_current_cluster (the
+# last `ray start`). With a second Ray on the machine (another `gtc-ray train` or `tune`, a test
+# cluster) they raise "Found multiple active Ray instances" (the cleaner's monitor dies), or ask the
+# last `ray start`ed cluster, which does not know this run's controller, take it for dead and remove
+# the run's placement group. So the local Ray gets a dashboard port chosen here, and
+# RAY_API_SERVER_ADDRESS names it before ray.init: the raylet inherits it, and with it every worker
+# and actor of this Ray.
+_PINNED_API: str | None = None
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+def _shutdown_quietly() -> None:
+    import ray
+    try:
+        ray.shutdown()  # a half-started Ray (GCS up, raylet not) must not stay behind
+    except Exception:
+        pass
+
+
+def _start_local(cfg: Config) -> None:
+    import ray
+    global _PINNED_API
+    for attempt in range(3):
+        port = _free_port()
+        _PINNED_API = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+                     log_to_driver=True, dashboard_host="127.0.0.1", dashboard_port=port)
+            return
+        except Exception as e:
+            _shutdown_quietly()
+            if "already occupied" in str(e) and attempt < 2:  # taken between choosing and binding it
+                continue
+            raise GtcInputError(
+                "Ray start-up", f"the local Ray ({cfg.ray.num_cpus} CPUs) did not start: {_one_line(e)}",
+                "this mostly means the machine is overloaded (other Ray instances, builds) or /tmp or "
+                "/dev/shm is full: retry when it is quieter; Ray's logs are in /tmp/ray/session_latest/logs "
+                "(--debug shows the traceback), or pass --address of a running cluster") from e
+
+
+def _connect(addr: str, source: str) -> None:
+    import ray
+    global _PINNED_API
+    if _PINNED_API is not None and os.environ.get("RAY_API_SERVER_ADDRESS") == _PINNED_API:
+        del os.environ["RAY_API_SERVER_ADDRESS"]  # an earlier local Ray of this process: not this cluster
+        _PINNED_API = None
+    where = f"Ray cluster address {addr} ({source})"
+    fix = ("pass the GCS address of the head node (HOST:PORT, the --port of `ray start --head`, 6379 by "
+           "default) or ray://HOST:10001, check that the cluster runs, or drop --address and unset "
+           "RAY_ADDRESS to start a local Ray")
+    if "://" in addr and not addr.startswith("ray://"):
+        raise GtcInputError(where, "is not a Ray address (an http:// address is the dashboard, used by "
+                            "`ray job submit`)", fix)
+    hostport = addr[len("ray://"):] if addr.startswith("ray://") else addr
+    host, sep, port = hostport.rpartition(":")
+    if addr not in ("auto", "local") and sep and port.isdigit():
+        import socket
+        try:  # ray.init retries an unreachable GCS for minutes; a closed port is known at once
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as e:
+            raise GtcInputError(where, f"does not answer ({_one_line(e)})", fix) from None
+    try:
+        ray.init(address=addr)  # a cluster brings its own resources (RAY_NOTES §3)
+    except Exception as e:
+        _shutdown_quietly()
+        raise GtcInputError(where, f"could not be joined: {_one_line(e)}",
+                            fix + "; with token authentication (Ray's default) set RAY_AUTH_MODE=token and "
+                            "the cluster's token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from e
+
+
+# ------------------------------------------------------------------ checks before any work
+
+def preflight(cfg: Config, *, tracking_uri: str | None = None, track: bool = True, use_ray: bool = True,
+              log=print, workers: int = 0, extra_cpu: float = 0.0) -> None:
+    """The checks that need the network, before any expensive work (dataset preparation, MLflow
+    runs, Ray start-up): with `track`, an http(s) MLflow server must answer as one; with `use_ray`
+    on a cluster (ray.address / RAY_ADDRESS), Ray is joined now (seconds) and, with `track`, a
+    cluster of several nodes must have a tracking URI given (not the implicit local SQLite file).
+    `tracking_uri` is what the user gave (None: MLFLOW_TRACKING_URI, else the default)."""
+    from gtc_ray import tracking
+    if track:
+        tracking.check_server(tracking_uri)
+    if use_ray and not _on_local_ray(cfg):
+        ensure_ray(cfg, log, workers, extra_cpu)
+        if track:
+            check_cluster_tracking(tracking_uri, log)
+
+
+def check_cluster_tracking(tracking_uri: str | None = None, log=print) -> None:
+    """On a connected Ray cluster of more than one alive node, refuse the implicit SQLite store: it
+    is a file in this process's working directory on one machine (under `ray job submit`, a
+    temporary copy), so the runs would be out of reach of the other machines and of later commands.
+    A given local file store only gets a note (it may be on shared storage)."""
+    import ray
+    from gtc_ray import tracking
+    nodes = sum(bool(n.get("Alive")) for n in ray.nodes())
+    if nodes <= 1:
+        return
+    given = tracking.given_tracking_uri(tracking_uri)
+    if given is None:
+        raise GtcInputError(
+            "MLflow tracking store", f"none was given, and the Ray cluster has {nodes} alive nodes: the "
+            f"default store is a local SQLite file ({tracking.resolve_tracking_uri(None)}) on this machine "
+            "only, out of reach of the other nodes and of later commands run elsewhere",
+            "run an MLflow server (`mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri "
+            "sqlite:///mlflow.db --artifacts-destination DIR_OR_S3_URI`) and pass --tracking-uri "
+            "http://HOST:5000, or set MLFLOW_TRACKING_URI=http://HOST:5000")
+    if tracking.is_local_store(given):
+        log(f"note: the MLflow store {given} is a local file on a {nodes}-node cluster: only this machine "
+            "sees it unless it lies on shared storage")

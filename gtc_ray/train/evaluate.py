@@ -1,5 +1,9 @@
-"""Checkpoint evaluation, in-process and without Ray: rebuild the trained model from a checkpoint
-(`load_checkpoint_model`, also used by the registry) and score it on valid and test."""
+"""Checkpoint evaluation, in-process and without a Ray cluster: rebuild the trained model from a
+checkpoint (`load_checkpoint_model`, also used by the registry) and score it on valid and test.
+
+A checkpoint is given by its location: a local directory, or a URI in Ray Train/Tune storage
+(`s3://bucket/runs/RUN/checkpoint_...`), which is copied to a temporary directory through Ray's
+checkpoint API for the loading and deleted afterwards (checkpoint.local_checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,22 +15,28 @@ import numpy as np
 from gtc_ray.data.dataset import load_dataset
 from gtc_ray.data.prepare import prepare
 from gtc_ray.errors import GtcInputError
-from gtc_ray.train.checkpoint import read_meta
+from gtc_ray.train.checkpoint import local_checkpoint, read_meta
 from gtc_ray.train.run import format_table, protocol_line
 
 
 def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
-    """Rebuild the trained model from a checkpoint: (model, dataset, config, meta).
+    """Rebuild the trained model from a checkpoint (local directory or URI): (model, dataset,
+    config, meta). Everything is read into memory; no file of the checkpoint is needed afterwards.
 
     A final checkpoint holds the best-validation weights as model.pt; an intermediate one (e.g. a
     trial stopped by ASHA) keeps them as best_model.pt. The user graph is the one sampled for the
     epoch those weights come from, so the embeddings equal the ones validation saw."""
+    with local_checkpoint(ckpt) as ck_dir:
+        return _load_model(ck_dir, ckpt, data_dir)
+
+
+def _load_model(ck_dir: Path, ckpt, data_dir):
+    """load_checkpoint_model on a local copy `ck_dir` of the checkpoint at `ckpt` (named in errors)."""
     from gtc_ray.config import config_from_dict
     from gtc_ray.model.propagation import sample_user_graph
     from gtc_ray.train.checkpoint import check_modality_order, load_file
     from gtc_ray.train.loop import build_model, derive_seed
-    ckpt = Path(ckpt)
-    meta = read_meta(ckpt)
+    meta = read_meta(ck_dir)
     cfg = config_from_dict(meta["config"])
     ds = load_dataset(data_dir or meta["data_dir"])
     if ds.content_hash != meta["dataset"]:
@@ -39,10 +49,10 @@ def load_checkpoint_model(ckpt: str | Path, data_dir: str | Path | None = None):
                            np.random.default_rng(derive_seed(cfg.train.seed, epoch, "ug")))
     check_modality_order(meta, ds, ckpt)
     model = build_model(ds, cfg, g, ug)
-    model.load_state_dict(load_file(ckpt, weights, meta))
+    model.load_state_dict(load_file(ck_dir, weights, meta))
     stale = "eval_embeddings.pt" if meta.get("final") else "best_eval.pt"
     if cfg.compat.stale_eval and stale in meta["hashes"]:  # compat (B5): the embeddings selection scored
-        e = load_file(ckpt, stale, meta)
+        e = load_file(ck_dir, stale, meta)
         model._eval_cache = (e["users"], e["items"])
     model.eval()
     return model, ds, cfg, meta

@@ -1,7 +1,9 @@
 """The per-worker training loop, shared by Ray Train workers and the in-process runner.
 
 Walk-through (one call per worker):
- 1. setup: threads, dataset (already validated by the driver), prepared graphs, model, optimizer
+ 1. setup: threads, the driver's WorkerInputs (counts, training matrix, evaluation targets,
+    graphs; through Ray's object store) and this worker's feature rows (its item block when the
+    full-item work is sharded; Ray Data), model, optimizer (the worker never opens the dataset)
  2. restore from the latest reported checkpoint (worker restart or `--resume`)
  3. read this worker's shard of the training interactions (Ray Data: `get_dataset_shard`)
  4. per epoch: resample the user-user graph (seed, epoch: same on every rank); shuffle the shard and
@@ -33,11 +35,11 @@ import scipy.sparse as sp
 import torch
 
 from gtc_ray.config import Config, config_from_dict
-from gtc_ray.data.dataset import load_dataset
-from gtc_ray.data.prepare import prepare, train_matrix
+from gtc_ray.data.prepare import train_matrix
 from gtc_ray.model.gtc import GTC
 from gtc_ray.model.propagation import bipartite_adjacency, sample_user_graph
 from gtc_ray.train.checkpoint import check_modality_order, load_file, read_meta
+from gtc_ray.train.ingest import used_modalities
 from gtc_ray.train.metrics import (eval_protocol, evaluate_sums, modality_balance, representation_share_sums,
                                    sums_to_metrics)
 
@@ -96,6 +98,18 @@ class Runtime:
     def item_shard(self):
         """This worker's ItemShard (None with one worker); collective: every rank calls it."""
         return None
+
+    def inputs(self, config: dict):
+        """The WorkerInputs the driver built (gtc_ray/train/ingest.py)."""
+        inputs = config["inputs"]
+        if not hasattr(inputs, "num_items"):  # a Ray ObjectRef
+            import ray
+            inputs = ray.get(inputs)
+        return inputs
+
+    def features(self, inputs, modalities: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Feature rows [lo, hi) of these modalities."""
+        raise NotImplementedError
 
     def latest_checkpoint(self) -> Path | None:
         return None
@@ -165,6 +179,14 @@ def build_model(ds, cfg: Config, graphs, user_graph: sp.csr_matrix | None = None
                         graphs.item_item, user_graph, device)
 
 
+def model_for_worker(inputs, features: dict, rows: tuple[int, int], cfg: Config, device=None) -> GTC:
+    """GTC from the driver's WorkerInputs and this worker's feature rows [lo, hi)."""
+    model = GTC(inputs.num_users, inputs.num_items, dict(inputs.features), cfg.model, cfg.compat)
+    if device is not None:
+        model.to(device)
+    return model.attach(features, inputs.adj, inputs.item_item, None, device, feature_rows=rows)
+
+
 def train_loop(config: dict, rt: Runtime) -> None:
     cfg: Config = config_from_dict(config["cfg"])
     torch.set_num_threads(cfg.train.num_threads)
@@ -172,12 +194,18 @@ def train_loop(config: dict, rt: Runtime) -> None:
     torch.manual_seed(derive_seed(seed, "init"))  # identical initial weights on every rank
     log = rt.log if rt.rank == 0 and rt.verbose else (lambda *a, **k: None)
 
-    # 1. setup
-    ds = load_dataset(config["data_dir"], verify=False)
-    graphs = prepare(ds, cfg.graph, log=lambda m: None)
-    seen, targets = eval_targets(ds, cfg.eval.mask_valid_in_test)
-    model = build_model(ds, cfg, graphs, None, rt.device)
+    # 1. setup: what the driver built (ingest.py), and this worker's feature rows
+    inputs = rt.inputs(config)
+    # the full-item work split by item rows (all ranks: new_group is collective); the driver cut
+    # the feature tables by the same blocks (ingest.item_block)
+    item_shard = rt.item_shard() if cfg.train.shard_item_work else None
+    rows = item_shard.bounds(inputs.num_items) if item_shard is not None else (0, inputs.num_items)
+    model = model_for_worker(inputs, rt.features(inputs, list(used_modalities(inputs, cfg)), *rows), rows, cfg,
+                             rt.device)
+    seen, targets = inputs.seen, inputs.targets
     opt = make_optimizer(model.parameters(), cfg)
+    feature_mb = sum(f.numel() * f.element_size() for f in model.features.values()) / 2 ** 20
+    feature_mb = float(rt.all_reduce(torch.tensor([feature_mb], dtype=torch.float64, device=rt.device), "max").item())
 
     # 2. restore
     start_epoch, best, best_epoch, bad, history, best_state = 0, -math.inf, -1, 0, [], None
@@ -189,9 +217,9 @@ def train_loop(config: dict, rt: Runtime) -> None:
     if ck is not None:
         try:  # the restored copy is released whatever happens
             meta = read_meta(ck)
-            check_modality_order(meta, ds, ck)
-            if meta.get("dataset") != ds.content_hash:
-                raise ValueError(f"checkpoint {ck} was trained on dataset {meta.get('dataset')}, not {ds.content_hash}")
+            check_modality_order(meta, inputs, ck)
+            if meta.get("dataset") != inputs.content_hash:
+                raise ValueError(f"checkpoint {ck} was trained on dataset {meta.get('dataset')}, not {inputs.content_hash}")
             model.load_state_dict(load_file(ck, "model.pt", meta, rt.device))
             if meta.get("final"):
                 start_epoch = cfg.train.epochs  # finished run: only the final test evaluation remains
@@ -206,8 +234,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
         finally:
             rt.release(ck)
         log(f"resumed from {ck} at epoch {start_epoch}")
-    # the full-item work split by item rows (all ranks: new_group is collective)
-    model.item_shard = rt.item_shard() if cfg.train.shard_item_work else None
+    model.item_shard = item_shard
     noise_rank = 0 if model.item_shard is not None else rt.rank  # sharded: one noise stream for all
     ddp = rt.wrap(model)
 
@@ -232,7 +259,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
         t0 = time.perf_counter()
         ddp.train()
         # 4. per-epoch randomness
-        ug = sample_user_graph(graphs.user_user, cfg.model.user_graph_k, np.random.default_rng(derive_seed(seed, epoch, "ug")))
+        ug = sample_user_graph(inputs.user_user, cfg.model.user_graph_k, np.random.default_rng(derive_seed(seed, epoch, "ug")))
         model.set_user_graph(ug, rt.device)
         rng = np.random.default_rng(derive_seed(seed, epoch, rt.rank, "data"))
         order = rng.permutation(len(sh_u))
@@ -274,7 +301,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
                 bad += 1
             stop = bad > cfg.train.patience
         rec.update({"train_seconds": train_s, "eval_seconds": time.perf_counter() - t1,
-                    "best_valid": best, "best_epoch": best_epoch})
+                    "best_valid": best, "best_epoch": best_epoch, "feature_mb": feature_mb})
         if rt.device.type == "cuda":
             rec["gpu_peak_mb"] = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20
         history.append(rec)
@@ -282,7 +309,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
         log(_progress_line(rec, metric))
         # 7. report (every rank) + checkpoint (rank 0)
         meta = {"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
-                "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": False,
+                "dataset": inputs.content_hash, "data_dir": inputs.location, "config": cfg.to_dict(), "final": False,
                 "protocol": eval_protocol(cfg), "modalities": model.modalities}
         extra = {"best_model.pt": best_state} if best_state is not None else {}
         if best_eval is not None:
@@ -299,7 +326,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     if best_state is not None:
         model.load_state_dict(best_state)
     if best_epoch >= 0:
-        model.set_user_graph(sample_user_graph(graphs.user_user, cfg.model.user_graph_k,
+        model.set_user_graph(sample_user_graph(inputs.user_user, cfg.model.user_graph_k,
                                                np.random.default_rng(derive_seed(seed, best_epoch, "ug"))), rt.device)
     if stale:
         model._eval_cache = best_eval
@@ -317,7 +344,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
         rec["modality_balance"] = balance
     log(_progress_line(rec, metric))
     meta = {"epoch": rec["epoch"], "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
-            "dataset": ds.content_hash, "data_dir": str(ds.path), "config": cfg.to_dict(), "final": True,
+            "dataset": inputs.content_hash, "data_dir": inputs.location, "config": cfg.to_dict(), "final": True,
             "valid": vfinal, "test": tm, "protocol": eval_protocol(cfg), "modalities": model.modalities}
     if balance is not None:
         meta["modality_balance"] = balance

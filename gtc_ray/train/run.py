@@ -11,6 +11,7 @@ debugging); `workers=0` uses Ray Train's local mode.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 import uuid
 from pathlib import Path
@@ -21,16 +22,17 @@ from gtc_ray.config import Config, load_config
 from gtc_ray.data.dataset import load_dataset
 from gtc_ray.data.prepare import prepare
 from gtc_ray.errors import GtcInputError
-from gtc_ray.train.checkpoint import read_meta
-from gtc_ray.train.cluster import check_local_resources, ensure_ray, resolve_cpus_per_worker
-from gtc_ray.train.ingest import shard_datasets
+from gtc_ray import storage as locations
+from gtc_ray.train.checkpoint import check_storage_supports, checkpoint_location, local_checkpoint, read_meta
+from gtc_ray.train.cluster import check_local_resources, ensure_ray, preflight, resolve_cpus_per_worker
+from gtc_ray.train.ingest import build_ingest, worker_inputs
 from gtc_ray.train.loop import train_loop
 from gtc_ray.train.runtime import InProcessRuntime, make_progress_callback, ray_worker_entry
 
 
 # ------------------------------------------------------------------ driver
 
-def build_trainer(data_dir: Path, cfg: Config, loop_cfg: dict, *, workers: int, use_gpu: bool, name: str,
+def build_trainer(ingest, cfg: Config, loop_cfg: dict, *, workers: int, use_gpu: bool, name: str,
                   storage_path: Path, callbacks: list):
     """The TorchTrainer for one training run (used by `train` and by each Tune trial). The driver
     has resolved ray.cpus_per_worker (resolve_cpus_per_worker) before; fault tolerance is
@@ -39,18 +41,19 @@ def build_trainer(data_dir: Path, cfg: Config, loop_cfg: dict, *, workers: int, 
     from ray.train import DataConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     if workers == 0:
-        loop_cfg = {**loop_cfg, "stage_dir": str(storage_path / name / "local_checkpoints")}
+        loop_cfg = {**loop_cfg, "stage_dir": locations.join(storage_path, name, "local_checkpoints")}  # local only
     cpw = cfg.ray.cpus_per_worker if cfg.ray.cpus_per_worker is not None else 1.0
-    resources = None if workers == 0 else ({"CPU": cpw, "GPU": 1} if use_gpu else {"CPU": cpw})
+    resources = None if workers == 0 else \
+        {**cfg.ray.worker_resources, "CPU": cpw, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
-        ray_worker_entry, train_loop_config=loop_cfg,
+        ray_worker_entry, train_loop_config={**loop_cfg, "inputs": ingest.inputs_ref},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        # each worker reads its own dataset whole: Train's streaming split would hand blocks out
-        # dynamically (rows per worker changing between runs) and drop rows to equalise shards
-        datasets=shard_datasets(data_dir, max(workers, 1)), dataset_config=DataConfig(datasets_to_split=[]),
+        # each worker reads its own datasets whole (ingest.py): Train's streaming split would hand
+        # blocks out dynamically (rows per worker changing between runs) and drop rows to equalise shards
+        datasets=ingest.datasets, dataset_config=DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage_path), callbacks=callbacks,
+            name=name, storage_path=locations.normalize(storage_path), callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)))
 
@@ -73,19 +76,28 @@ def check_against_dataset(cfg: Config, ds, log=print) -> None:
             f"(eval.topk = {cfg.eval.topk})")
 
 
-def resolve_run_dir(kind: str, storage_path: Path, name: str | None, prefix: str, resume: bool,
-                    state: str | None = None) -> tuple[str, Path]:
-    """Name and directory of a run or search: a fresh unique one, or (with resume) an existing one."""
+def resolve_run_dir(kind: str, storage_path: str | Path, name: str | None, prefix: str, resume: bool,
+                    state: str | None = None) -> tuple[str, Path | str]:
+    """Name and location of a run or search: a fresh unique one, or (with resume) an existing one.
+    The location is a local Path when the storage is local, else a URI (existence is checked
+    through gtc_ray.storage either way)."""
     if resume and not name:
         raise GtcInputError("--resume", f"needs the --name of the {kind} to continue", "pass --name NAME --resume")
     name = name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    d = storage_path / name
-    if d.exists() and not resume:
+    d = locations.join(storage_path, name)
+
+    def present(loc) -> bool:
+        try:
+            return locations.exists(loc) or locations.is_dir(loc)
+        except Exception as e:  # unreachable store, missing bucket, no credentials
+            raise GtcInputError(f"--storage {storage_path}", f"cannot be read ({locations.describe_error(loc, e)})",
+                                "check the location and the storage's credentials (e.g. the AWS_* variables)") from e
+    if present(d) and not resume:
         raise GtcInputError(f"{kind} {name}", f"already exists in {storage_path}",
                             "pass --resume to continue it, or choose another --name")
-    if resume and not (d / state if state else d).exists():
+    if resume and not present(locations.join(d, state) if state else d):
         raise GtcInputError(f"{kind} {name}", f"has nothing to resume in {storage_path}", "check --name and --storage")
-    return name, d
+    return name, locations.local_path(d) or d
 
 
 def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = None, use_gpu: bool | None = None,
@@ -98,7 +110,7 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     (any error) or KILLED (Ctrl-C), never RUNNING."""
     from gtc_ray.train.metrics import eval_protocol
     t_start = time.perf_counter()
-    data_dir = Path(data_dir).absolute()
+    data_dir = locations.normalize(data_dir)  # a local path (absolute) or a URI
     workers = cfg.ray.workers if workers is None else workers
     use_gpu = cfg.ray.use_gpu if use_gpu is None else use_gpu
     if workers < 0:
@@ -108,10 +120,12 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
     if runner != "inprocess":
         check_local_resources(cfg, workers)
         cfg.ray.cpus_per_worker = resolve_cpus_per_worker(cfg, workers)
-    storage_path = Path(storage or cfg.ray.storage_path).absolute()
+    storage_path = locations.normalize(storage or cfg.ray.storage_path)  # a local path (absolute) or a URI
+    check_storage_supports(storage_path, runner=runner, workers=workers)
     name, run_dir = resolve_run_dir("run", storage_path, name, f"gtc-{ds.manifest['name']}", resume)
     loop_cfg = {"cfg": cfg.to_dict(), "data_dir": str(data_dir)}
-    prepare(ds, cfg.graph, log=log)  # cached: workers only load it
+    preflight(cfg, tracking_uri=tracking_uri, track=track, use_ray=runner != "inprocess", log=log, workers=workers)
+    graphs = prepare(ds, cfg.graph, log=log)  # cached; reaches the workers through the object store
     tracker = None
     if track:
         from gtc_ray.tracking import TrainTracker
@@ -121,21 +135,23 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
             f"{list(ds.features) if cfg.model.use_content else '(ID only)'}; storage {storage_path}")
         if runner == "inprocess":
             rt = InProcessRuntime(str(data_dir), run_dir, "cuda" if use_gpu and torch.cuda.is_available() else "cpu",
-                                  log, keep=cfg.train.keep_checkpoints)
-            train_loop(loop_cfg, rt)
+                                  log, keep=cfg.train.keep_checkpoints, ds=ds)
+            train_loop({**loop_cfg, "inputs": worker_inputs(ds, cfg, graphs)}, rt)
             ckpt = rt.latest_checkpoint()
         else:
             ensure_ray(cfg, log, workers)
             callbacks = [make_progress_callback(cfg.eval.valid_metric)]
             if tracker is not None:
                 callbacks.append(tracker.train_callback())
-            trainer = build_trainer(data_dir, cfg, loop_cfg, workers=workers, use_gpu=use_gpu, name=name,
+            ingest = build_ingest(ds, cfg, graphs, workers, log)
+            trainer = build_trainer(ingest, cfg, loop_cfg, workers=workers, use_gpu=use_gpu, name=name,
                                     storage_path=storage_path, callbacks=callbacks)
             result = fit_interruptibly(trainer)
             if result.error:
                 raise result.error
-            ckpt = Path(result.checkpoint.path)
-        meta = read_meta(ckpt)
+            ckpt = checkpoint_location(result.checkpoint.path, storage_path)  # local path or URI
+        with local_checkpoint(ckpt) as ck_dir:
+            meta = read_meta(ck_dir)
         if not meta.get("final"):
             raise RuntimeError(f"training ended without a final evaluation (last checkpoint {ckpt})")
         out = {"valid": meta["valid"], "test": meta["test"], "checkpoint": str(ckpt), "history": meta["history"],
@@ -153,7 +169,7 @@ def run_training(data_dir: str | Path, cfg: Config, *, workers: int | None = Non
             tracker.end_after(e)
         if isinstance(e, KeyboardInterrupt):
             log(f"\ninterrupted; continue the run with: gtc-ray train {data_dir} --name {name} --resume"
-                + (f" --storage {storage_path}" if storage else ""))
+                + (f" --storage {shlex.quote(storage_path)}" if storage else ""))
         raise
 
 

@@ -34,14 +34,33 @@ def prune_checkpoints(parent: Path, keep: int) -> None:
 class InProcessRuntime(Runtime):
     """Single process, no Ray: checkpoints under `run_dir/checkpoint_NNNNNN`, the newest `keep`."""
 
-    def __init__(self, data_dir: str, run_dir: Path, device: str = "cpu", log=print, keep: int = 2):
+    def __init__(self, data_dir: str, run_dir: Path, device: str = "cpu", log=print, keep: int = 2, ds=None):
         self.data_dir, self.run_dir, self.device = data_dir, run_dir, torch.device(device)
         self.log, self.keep = log, keep
         self.reports: list[dict] = []
+        self._ds = ds
+
+    @property
+    def ds(self):
+        if self._ds is None:
+            self._ds = load_dataset(self.data_dir, verify=False)
+        return self._ds
+
+    def inputs(self, config):
+        """The driver's WorkerInputs, or (a loop called directly, as some tests do) built here."""
+        if "inputs" in config:
+            return super().inputs(config)
+        from gtc_ray.config import config_from_dict
+        from gtc_ray.data.prepare import prepare
+        from gtc_ray.train.ingest import worker_inputs
+        cfg = config_from_dict(config["cfg"])
+        return worker_inputs(self.ds, cfg, prepare(self.ds, cfg.graph, log=lambda m: None))
+
+    def features(self, inputs, modalities, lo, hi):
+        return {m: self.ds.features[m][lo:hi] for m in modalities}
 
     def shard(self):
-        ds = load_dataset(self.data_dir, verify=False)
-        return ds.split_pairs("train")
+        return self.ds.split_pairs("train")
 
     def latest_checkpoint(self):
         found = sorted(self.run_dir.glob("checkpoint_*")) if self.run_dir.exists() else []
@@ -89,6 +108,15 @@ class RayTrainRuntime(Runtime):
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+
+    def features(self, inputs, modalities, lo, hi):
+        """This worker's feature rows, from the per-worker Ray Datasets the driver cut (ingest.py)."""
+        import ray.train
+        from gtc_ray.train.ingest import rows_from_batches
+        return {m: rows_from_batches(ray.train.get_dataset_shard(f"feat_{m}_{self.rank}").iter_batches(
+                    batch_size=4096, batch_format="pyarrow"), lo, hi, inputs.features[m],
+                    f"features {m!r} of worker {self.rank}")
+                for m in modalities}
 
     def shard(self):
         """This worker's rows: its own dataset, cut by Ray Data on the driver (shard_datasets), so the

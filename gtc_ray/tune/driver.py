@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from gtc_ray import tracking
+from gtc_ray import storage as locations, tracking
 from gtc_ray.config import Config, config_from_dict
 from gtc_ray.data.dataset import load_dataset
 from gtc_ray.data.prepare import prepare
@@ -39,30 +39,31 @@ METRIC = "valid_{}"  # formatted with cfg.eval.valid_metric
 TRIAL_CPU = 0.1  # the trial driver itself only waits on its TorchTrainer (RAY_NOTES P2: not 0)
 
 
-def trial_driver(config: dict) -> None:
-    """One Tune trial: the sampled config -> a TorchTrainer fit (runs in a Tune trial actor)."""
+def trial_driver(config: dict, ingest=None) -> None:
+    """One Tune trial: the sampled config -> a TorchTrainer fit (runs in a Tune trial actor). `ingest`
+    (the search driver's Ray Datasets and WorkerInputs, built once for all trials) comes through
+    tune.with_parameters."""
     import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from gtc_ray.train.run import build_trainer
     ctx = ray.tune.get_context()
     tid = ctx.get_trial_id()
-    gave_up = Path(config["trials_dir"]) / f"{tid}.failed"
-    if gave_up.exists():  # see the FailureConfig note in _search
-        raise RuntimeError(gave_up.read_text())
+    gave_up = locations.join(config["trials_dir"], f"{tid}.failed")  # trials_dir: a local path or a URI
+    if locations.exists(gave_up):  # see the FailureConfig note in _search
+        raise RuntimeError(locations.read_text(gave_up))
     space = SearchSpace(**config["space"])
     cfg = space.config_for(config_from_dict(config["base"]), config.get("params", {}))
     loop_cfg = {"cfg": cfg.to_dict(), "data_dir": config["data_dir"], "evaluate_test": False}
     # name=trial id under the search's trials/ directory: a relaunched trial (Tune FailureConfig,
     # or --resume) finds its Train run there and resumes from its latest checkpoint
-    trainer = build_trainer(Path(config["data_dir"]), cfg, loop_cfg, workers=config["workers"], use_gpu=config["use_gpu"],
-                            name=tid, storage_path=Path(config["trials_dir"]), callbacks=[TuneReportCallback()])
+    trainer = build_trainer(ingest, cfg, loop_cfg, workers=config["workers"], use_gpu=config["use_gpu"],
+                            name=tid, storage_path=config["trials_dir"], callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        gave_up.parent.mkdir(parents=True, exist_ok=True)
-        gave_up.write_text(f"trial {tid}: its Train run failed after ray.max_failures={cfg.ray.max_failures} "
-                           f"worker-group restarts and is not relaunched: {e!r}"[:4000])
+        locations.write_text(gave_up, f"trial {tid}: its Train run failed after ray.max_failures="
+                             f"{cfg.ray.max_failures} worker-group restarts and is not relaunched: {e!r}"[:4000])
         raise
 
 
@@ -81,9 +82,11 @@ class MlflowTrialLogger(Callback):
     A module-level class: Tune pickles its callbacks into the search's tuner.pkl, and `--resume`
     runs the unpickled copy, which must still be this code (and write _EXPERIMENT_END here)."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_id: str, base_tags: dict, metric: str):
+    def __init__(self, uri: str, experiment_id: str, parent_id: str, base_tags: dict, metric: str,
+                 storage_root: str | None = None):
         self.uri, self.experiment_id, self.parent_id, self.base_tags, self.metric = (
             uri, experiment_id, parent_id, base_tags, metric)
+        self.storage_root = storage_root  # the search's Tune storage (a checkpoint_path lies inside it)
         self.runs: dict[str, str] = {}
         self.history: dict[str, list] = {}
         self.open: dict[str, object] = {}  # trial id -> trial, for runs started and not yet ended here
@@ -137,11 +140,13 @@ class MlflowTrialLogger(Callback):
         """The trial's whole per-epoch history from its final checkpoint; epochs missing from the
         run are logged. (An epoch that Train saved just before a Ctrl-C never reached Tune; the
         resumed trial starts after it.)"""
-        from gtc_ray.train.checkpoint import read_meta
+        from gtc_ray.train.checkpoint import checkpoint_location, read_meta_at
         ck = (trial.last_result or {}).get("checkpoint_path")
         if not ck:
             return []
-        hist = [self._epoch_record(r) for r in read_meta(ck).get("history") or []]
+        root = getattr(self, "storage_root", None)  # absent in a tuner.pkl of an older version
+        hist = [self._epoch_record(r) for r in read_meta_at(checkpoint_location(ck, root) if root else ck)
+                .get("history") or []]
         have = {m.step for m in self.c.get_metric_history(rid, tracking.metric_key(self.metric))}
         tracker = tracking.TrainTracker(self.uri, rid, self.c)
         for rec in hist:
@@ -182,8 +187,9 @@ class MlflowTrialLogger(Callback):
         _EXPERIMENT_END[self.parent_id] = {"unfinished": sorted(set(cut) | set(waiting)), "runs": dict(self.runs)}
 
 
-def make_mlflow_callback(uri: str, experiment_id: str, parent_id: str, base_tags: dict, metric: str):
-    return MlflowTrialLogger(uri, experiment_id, parent_id, base_tags, metric)
+def make_mlflow_callback(uri: str, experiment_id: str, parent_id: str, base_tags: dict, metric: str,
+                         storage_root: str | None = None):
+    return MlflowTrialLogger(uri, experiment_id, parent_id, base_tags, metric, storage_root)
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -218,35 +224,41 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
                tracking_uri: str | None = None, log=print) -> dict:
     """Run (or with `resume`, continue) a search; returns the summary written to search.json.
     On resume, options left None come from the search's search_args.json."""
-    from gtc_ray.train.cluster import check_local_resources, ensure_ray, resolve_cpus_per_worker
+    from gtc_ray.train.cluster import check_local_resources, ensure_ray, preflight, resolve_cpus_per_worker
+    from gtc_ray.train.checkpoint import check_storage_supports
     from gtc_ray.train.run import check_against_dataset, resolve_run_dir
 
     t0 = time.perf_counter()
     given_data, given_space = data_dir, space_path
     base_as_given = base.to_dict()  # before this function fits it to the dataset and machine
-    data_dir = Path(data_dir).absolute()
+    data_dir = locations.normalize(data_dir)  # a local path (absolute) or a URI
     space = load_space(space_path, base)  # 1. validation before anything expensive
     ds = load_dataset(data_dir)
     check_against_dataset(base, ds, log)  # fits eval.topk to the catalogue for every trial
     check_against_dataset(space.config_for(base, {}), ds, lambda m: None)
-    storage_path = Path(storage or base.ray.storage_path).absolute()
+    storage_path = locations.normalize(storage or base.ray.storage_path)  # a local path (absolute) or a URI
     name, search_dir = resolve_run_dir("search", storage_path, name, f"search-{Path(space_path).stem}", resume,
                                        state="tuner.pkl")
     saved = {}
-    if resume and (search_dir / SEARCH_ARGS).is_file():
-        saved = json.loads((search_dir / SEARCH_ARGS).read_text())
+    if resume and locations.is_file(locations.join(search_dir, SEARCH_ARGS)):
+        saved = json.loads(locations.read_text(locations.join(search_dir, SEARCH_ARGS)))
     samples = samples or saved.get("samples") or space.samples
     max_concurrent = max_concurrent or saved.get("max_concurrent") or space.max_concurrent
     workers = workers if workers is not None else saved.get("workers", base.ray.workers)
     use_gpu = use_gpu or saved.get("use_gpu", False)
+    check_storage_supports(storage_path, workers=workers)  # local mode stages checkpoints locally
     # one trial at a time is the safe default on small machines (RAY_NOTES P3)
     check_local_resources(base, workers * max_concurrent, TRIAL_CPU * max_concurrent)
     base.ray.cpus_per_worker = resolve_cpus_per_worker(base, workers * max_concurrent, TRIAL_CPU * max_concurrent)
+    prior = locations.join(search_dir, "mlflow_parent.json")  # --resume: the search's own tracking URI
+    prior_uri = json.loads(locations.read_text(prior)).get("tracking_uri") if resume and locations.exists(prior) else None
+    preflight(base, tracking_uri=tracking_uri or prior_uri, log=log, workers=workers * max_concurrent,
+              extra_cpu=TRIAL_CPU * max_concurrent)
     prepare(ds, space.config_for(base, {}).graph, log=log)  # once; trials share it read-only
 
     # 2. MLflow parent run (reused on --resume)
-    state_file = search_dir / "mlflow_parent.json"
-    state = json.loads(state_file.read_text()) if resume and state_file.exists() else None
+    state_file = locations.join(search_dir, "mlflow_parent.json")
+    state = json.loads(locations.read_text(state_file)) if resume and locations.exists(state_file) else None
     uri = tracking.resolve_tracking_uri(tracking_uri or (state or {}).get("tracking_uri"))
     c = tracking.client(uri)
     exp = tracking.experiment_id(c, uri)
@@ -267,14 +279,14 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
         if state is None:
             tracking.log_params(c, parent, {"space": str(space_path), "samples": samples,
                                             "max_concurrent": max_concurrent, "workers": workers})
-            search_dir.mkdir(parents=True, exist_ok=True)
-            tracking.write_json(state_file, {"run_id": parent, "experiment_id": exp, "tracking_uri": uri})
-            tracking.write_json(search_dir / SEARCH_ARGS, {
+            _write_json(state_file, {"run_id": parent, "experiment_id": exp, "tracking_uri": uri})
+            _write_json(locations.join(search_dir, SEARCH_ARGS), {
                 "config": base_as_given, "samples": samples, "max_concurrent": max_concurrent, "workers": workers,
                 "use_gpu": use_gpu})
         if resume:  # --resume retries errored trials for real (see the FailureConfig note in _search)
-            for marker in (search_dir / "trials").glob("*.failed"):
-                marker.unlink()
+            for marker in locations.listdir(locations.join(search_dir, "trials")):
+                if marker.endswith(".failed"):
+                    locations.delete(locations.join(search_dir, "trials", marker))
         ensure_ray(base, log, workers * max_concurrent, TRIAL_CPU * max_concurrent)
         log(f"search {name}: {samples} sample(s) of {space_path}, {max_concurrent} at a time, {workers} worker(s) "
             f"per trial; MLflow parent run {parent}")
@@ -283,18 +295,32 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
                           workers=workers, use_gpu=use_gpu, resume=resume, uri=uri, c=c, exp=exp, parent=parent,
                           resume_cmd=resume_cmd, log=log)
         summary["seconds"] = time.perf_counter() - t0
-        tracking.write_json(search_dir / "search.json", summary)
+        _write_json(locations.join(search_dir, "search.json"), summary)
         c.set_terminated(parent, "FINISHED")
     except BaseException as e:
         _EXPERIMENT_END.pop(parent, None)
         tracking.end_run_after(c, parent, e)
         _end_open_children(c, exp, parent, "KILLED")
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, SearchInterrupted) and \
-                (search_dir / "tuner.pkl").exists():
+                _exists_quietly(locations.join(search_dir, "tuner.pkl")):
             log(f"search {name} interrupted; continue it with:\n  {resume_cmd}")
         raise
-    log(f"search summary {search_dir / 'search.json'} ({summary['seconds']:.0f}s)")
+    log(f"search summary {locations.join(search_dir, 'search.json')} ({summary['seconds']:.0f}s)")
     return summary
+
+
+def _exists_quietly(loc) -> bool:
+    """exists() for an error path: a storage that cannot be reached must not hide the error."""
+    try:
+        return locations.exists(loc)
+    except Exception:
+        return False
+
+
+def _write_json(loc, data: dict) -> None:
+    """search.json, search_args.json, mlflow_parent.json: whole-file writes (local or URI) that a
+    reader sees complete or not at all."""
+    locations.write_text(loc, json.dumps(data, indent=2))
 
 
 def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, samples, max_concurrent, workers,
@@ -306,12 +332,19 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
     metric = METRIC.format(base.eval.valid_metric)
     param_space = {"params": space.tune_param_space(), "base": base.to_dict(), "space": space.__dict__,
                    "data_dir": str(data_dir), "workers": workers, "use_gpu": use_gpu,
-                   "trials_dir": str(search_dir / "trials")}
-    trainable = tune.with_resources(trial_driver, {"cpu": TRIAL_CPU})
-    cb = make_mlflow_callback(uri, exp, parent, {**tracking.dataset_tags(ds), **tracking.protocol_tags(base)}, metric)
+                   "trials_dir": locations.join(search_dir, "trials")}
+    from gtc_ray.train.ingest import build_ingest
+    trial_base = space.config_for(base, {})
+    # read and cut once for every trial (ingest.py); trials then start without Ray Data work, so two
+    # at once never wait on each other's reads
+    ingest = build_ingest(ds, trial_base, prepare(ds, trial_base.graph, log=lambda m: None), workers, log,
+                          content=True)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ingest=ingest), {"cpu": TRIAL_CPU})
+    cb = make_mlflow_callback(uri, exp, parent, {**tracking.dataset_tags(ds), **tracking.protocol_tags(base)}, metric,
+                              storage_path)
     _EXPERIMENT_END.pop(parent, None)
     if resume:  # Tune restores its own config, including the callback, from tuner.pkl
-        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(locations.normalize(search_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space)
     else:
         sched = None
@@ -330,7 +363,7 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=samples,
                                         max_concurrent_trials=max_concurrent, scheduler=sched),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage_path), callbacks=[cb],
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[cb],
                                       failure_config=tune.FailureConfig(max_failures=base.ray.max_failures)))
     grid = tuner.fit()  # after Ctrl-C, Tune stops the trials, saves its state and returns
 
@@ -350,7 +383,8 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
         epochs = int(hist["epoch"].max()) + 1 if hist is not None and "epoch" in hist else 0
         rows.append({"trial": r.metrics.get("trial_id") if r.metrics else None, "params": r.config.get("params", {}),
                      "best_valid": best_valid, "epochs": epochs, "error": repr(r.error) if r.error else None,
-                     "checkpoint": (r.metrics or {}).get("checkpoint_path"), "path": r.path})
+                     "checkpoint": _location((r.metrics or {}).get("checkpoint_path"), storage_path),
+                     "path": _location(r.path, storage_path)})
     rows.sort(key=lambda x: -x["best_valid"] if not math.isnan(x["best_valid"]) else math.inf)
     ok = [x for x in rows if x["checkpoint"] and not math.isnan(x["best_valid"])]
     if not ok:
@@ -380,6 +414,16 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
     return summary
 
 
+def _location(path: str | None, storage_path: str) -> str | None:
+    """A path Tune reports (inside the storage's file system) as a location: the local path, or a
+    URI under the search's storage."""
+    from gtc_ray.train.checkpoint import checkpoint_location
+    try:
+        return checkpoint_location(path, storage_path) if path else path
+    except ValueError:  # not under this storage (a search moved since): keep what Tune reported
+        return path
+
+
 def _fmt(v):
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -389,9 +433,9 @@ def cli_tune(a, log=print) -> int:
     overrides = list(a.overrides) + ([f"ray.max_failures={a.max_failures}"] if a.max_failures is not None else [])
     base = load_config(a.config, overrides)
     if a.resume and a.name:  # the search's own config; --config/--set given now apply on top of it
-        saved = Path(a.storage or base.ray.storage_path) / a.name / SEARCH_ARGS
-        if saved.is_file():
-            base = load_config(a.config, overrides, base=json.loads(saved.read_text())["config"])
+        saved = locations.join(a.storage or base.ray.storage_path, a.name, SEARCH_ARGS)
+        if locations.is_file(saved):
+            base = load_config(a.config, overrides, base=json.loads(locations.read_text(saved))["config"])
     run_search(a.data_dir, a.space, base=base, samples=a.samples, max_concurrent=a.max_concurrent, name=a.name,
                storage=a.storage, resume=a.resume, workers=a.workers, use_gpu=a.gpu, tracking_uri=a.tracking_uri,
                log=log)

@@ -45,6 +45,8 @@ ABLATIONS = {
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "lograndint", "choice", "grid")
 TOP_KEYS = ("description", "samples", "max_concurrent", "scheduler", "fixed", "params")
 SCHED_KEYS = ("type", "max_epochs", "grace_period", "reduction_factor")
+# keys (besides graph.*) that decide what the driver builds once for all trials (train/ingest.py)
+SHARED_BY_TRIALS = ("eval.mask_valid_in_test", "train.shard_item_work")
 
 
 @dataclass
@@ -121,6 +123,10 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
             parsed[key] = (next(iter(spec)), vals)
             continue
         _check_key(p, key)
+        if key.startswith("graph.") or key in SHARED_BY_TRIALS:
+            raise _err(p, f"parameter {key!r}", "is fixed for the whole search: the driver prepares the graphs, "
+                       "evaluation targets and feature blocks once and every trial shares them",
+                       f"move {key} to `fixed:` (or --set), and run one search per value")
         if not isinstance(spec, dict) or len(spec) != 1:
             raise _err(p, f"parameter {key!r}", f"distribution {spec!r} must be a one-key mapping",
                        f"write e.g. {key}: {{uniform: [0.1, 1.0]}}")
