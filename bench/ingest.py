@@ -1,6 +1,6 @@
 """Ingestion benchmark: per-worker feature memory, and local-path vs S3 training, side by side.
 
-    python bench/ingest.py memory [--preset sports] [--epochs 1]
+    python bench/ingest.py memory [--preset sports] [--epochs 1] [--users U --interactions N]
     python bench/ingest.py s3 DATA_DIR [--epochs 3]      # e.g. an import of ../shared/data/ml100k_mm
 
 `memory`: generates the synthetic set (default the Sports-sized preset: 18,357 items, image
@@ -60,7 +60,7 @@ def memory(a):
     d = _tmp()
     data = d / a.preset
     print(f"generating preset {a.preset} ...", flush=True)
-    synth(data, a.preset, seed=0)
+    synth(data, a.preset, seed=0, users=a.users, interactions=a.interactions)
     m = read_manifest(data)
     whole = sum(m["num_items"] * v["dim"] * 4 for v in m["modalities"].values()) / 2 ** 20
     mods = ", ".join(f"{k} {v['dim']}-d" for k, v in m["modalities"].items())
@@ -113,6 +113,8 @@ def main():
     m = sub.add_parser("memory")
     m.add_argument("--preset", default="sports")
     m.add_argument("--epochs", type=int, default=1)
+    m.add_argument("--users", type=int, help="override the preset's users (features do not depend on them)")
+    m.add_argument("--interactions", type=int, help="override the preset's interactions (shorter epochs)")
     s = sub.add_parser("s3")
     s.add_argument("data")
     s.add_argument("--epochs", type=int, default=3)

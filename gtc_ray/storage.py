@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from gtc_ray.errors import GtcInputError
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -36,15 +38,20 @@ def is_uri(loc) -> bool:
 
 
 def is_local(loc) -> bool:
-    return not is_uri(loc) or str(loc).startswith("file://")
+    return not is_uri(loc) or str(loc).startswith("file:")
 
 
 def normalize(loc) -> str:
     """The canonical form of a location: an absolute local path (file:// URIs included) or the URI
     without a trailing slash."""
     loc = os.fspath(loc)
-    if loc.startswith("file://"):
-        return str(Path(loc[len("file://"):]).absolute())
+    if loc.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+        u = urlparse(loc)  # file:///x, file://localhost/x, file:/x
+        if u.netloc not in ("", "localhost"):
+            raise GtcInputError(f"location {loc}", f"names another host ({u.netloc})",
+                                "use file:///absolute/path for a local (or mounted) path")
+        return str(Path(unquote(u.path)).absolute())
     if is_uri(loc):
         scheme, rest = loc.split("://", 1)
         return f"{scheme}://{rest.rstrip('/')}" if rest.rstrip("/") else loc
@@ -81,8 +88,15 @@ def _fs_for(root: str) -> pafs.FileSystem:
         fs, _ = pafs.FileSystem.from_uri(root)
         return fs
     except ValueError:  # pyarrow's ArrowInvalid: a scheme it does not know
-        import fsspec
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(root.split("://", 1)[0])))
+        pass
+    import fsspec
+    scheme = root.split("://", 1)[0]
+    try:
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+    except (ValueError, ImportError) as e:  # unknown protocol, or its fsspec package is missing
+        raise GtcInputError(f"location {root}", f"has a scheme no file system here knows ({e})",
+                            "use a local path, file://, s3://, gs:// or abfs://, or install the fsspec "
+                            f"package for {scheme}://") from None
 
 
 def filesystem(loc) -> tuple[pafs.FileSystem, str]:

@@ -2,7 +2,7 @@
 
 - an S3-compatible server (moto, in this test process) on 127.0.0.1: the dataset, the Train/Tune
   storage and MLflow's artifacts live in its buckets; nothing the workers read is on a local disk;
-- a Ray head node (no CPUs: drivers only) and worker nodes started with `ray start` (tests/raynodes.py),
+- a Ray head node (with CPUs: only a custom resource keeps training off it) and worker nodes started with `ray start` (tests/raynodes.py),
   the training workers forced onto them by a custom resource (`ray.worker_resources`);
 - an `mlflow server` on 127.0.0.1 with its artifacts in the bucket;
 - `ray job submit` of jobs/tune.py then jobs/register.py; `gtc-ray recommend` from the registry.
@@ -130,7 +130,7 @@ def test_search_register_and_serve_with_object_storage_on_a_multi_node_cluster(s
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     with mlflow_server(tmp_path, f"{bucket}/mlartifacts") as tracking, \
-            RayNodes(workers=1, head_cpus=0, worker_cpus=2, worker_resources={"wnode": 1}) as c:
+            RayNodes(workers=1, head_cpus=2, worker_cpus=2, worker_resources={"wnode": 1}) as c:
         client = JobSubmissionClient(c.address)
         env = _aws_env()
         logs = _wait(client, _submit(client, ["jobs/tune.py", data, "--space", str(space), "--name", "s",
@@ -160,8 +160,12 @@ def test_search_register_and_serve_with_object_storage_on_a_multi_node_cluster(s
     local = tmp_path / "tiny"
     storage.download_dir(data, local)
     out = tmp_path / "local.json"
-    assert main(["train", str(local), "--workers", "1", "--epochs", "3", "--set", "train.lr=0.01", *FAST,
-                 "--storage", str(tmp_path / "runs"), "--no-mlflow", "--metrics-out", str(out)]) == 0
+    try:
+        assert main(["train", str(local), "--workers", "1", "--epochs", "3", "--set", "train.lr=0.01", *FAST,
+                     "--storage", str(tmp_path / "runs"), "--no-mlflow", "--metrics-out", str(out)]) == 0
+    finally:
+        import ray
+        ray.shutdown()  # the local Ray that train started in this process
     ref = json.loads(out.read_text())
     assert summary["valid"] == pytest.approx(ref["valid"], rel=1e-6)
     assert summary["test"] == pytest.approx(ref["test"], rel=1e-6)
@@ -182,6 +186,7 @@ def test_training_survives_the_loss_of_a_worker_node(s3, tmp_path):
     checkpoint in the bucket on the other node, and ends with the metrics of an uninterrupted run."""
     from ray.job_submission import JobSubmissionClient
     from gtc_ray.cli import main
+    from gtc_ray.train.checkpoint import read_meta_at
     bucket = s3("loss")
     data, runs = f"{bucket}/data/small", f"{bucket}/runs"
     assert main(["data", "synth", data, "--preset", "small"]) == 0  # epochs long enough to cut one run mid-way
@@ -208,3 +213,8 @@ def test_training_survives_the_loss_of_a_worker_node(s3, tmp_path):
         assert _alive_train_worker_node(c) is None
     ref, cut = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ref", "cut"))
     assert cut["valid"] == ref["valid"] and cut["test"] == ref["test"], logs[-4000:]
+    # it continued from a checkpoint in the bucket (not from scratch), on the other node
+    meta = read_meta_at(cut["checkpoint"])
+    assert cut["checkpoint"].startswith(runs + "/") and len(meta["resumes"]) == 1 and 1 <= meta["resumes"][0] < 30
+    assert read_meta_at(ref["checkpoint"])["resumes"] == []
+    assert [h["epoch"] for h in meta["history"]] == list(range(30))  # no epoch counted twice

@@ -131,6 +131,28 @@ def test_failure_in_the_final_evaluation_ends_the_search_failed(search, tiny, tm
     assert MlflowClient(uri).get_run(s["parent_run_id"]).info.status == "FINISHED"  # the original is untouched
 
 @pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "graph.knn_k=7"], "graph.knn_k ('5' -> '7')"),
+    (["--workers", "2"], "--workers (1 -> 2)"),
+    (["--set", "train.lr=0.5"], "train.lr"),
+])
+def test_resume_refuses_options_the_trials_would_not_get(search, tiny, tmp_path, capsys, argv, needle):
+    """Tune restores the trials with the config they started with: a changed option on --resume is
+    refused (exit 2, naming it) before any work, not silently ignored."""
+    import shutil
+    from gtc_ray.cli import main
+    s, d, uri = search
+    shutil.copytree(d / "runs" / "s", tmp_path / "runs" / "s", ignore=shutil.ignore_patterns("search.json"))
+    cmd = ["tune", str(tiny), "--space", str(d / "space.yaml"), "--name", "s", "--resume",
+           "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
+    rc = main(cmd + argv)  # the search's saved config and options, plus what argv changes
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "start a new search" in err, err
+    assert not (tmp_path / "runs" / "s" / "search.json").exists()
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_registry_serves_the_checkpoint_without_ray(search, tiny, tmp_path):
     from mlflow.tracking import MlflowClient

@@ -303,7 +303,9 @@ def read_manifest(path) -> dict:
     mf = storage.join(loc, "manifest.json")
     try:
         found = storage.is_file(mf)
-        leftovers = [] if found else storage.listdir(loc)
+        # only an object store can hold part of a dataset (a local one is renamed into place whole):
+        # elsewhere a directory without a manifest is simply not a dataset, and must not be overwritten
+        leftovers = [] if found or not storage.is_uri(loc) else storage.listdir(loc)
     except OSError as e:
         raise _io_error(loc, e, "read") from e
     if not found:

@@ -72,8 +72,10 @@ def ensure_ray(cfg: Config, log=print, workers: int = 0, extra_cpu: float = 0.0)
 # cluster) they raise "Found multiple active Ray instances" (the cleaner's monitor dies), or ask the
 # last `ray start`ed cluster, which does not know this run's controller, take it for dead and remove
 # the run's placement group. So the local Ray gets a dashboard port chosen here, and
-# RAY_API_SERVER_ADDRESS names it before ray.init: the raylet inherits it, and with it every worker
-# and actor of this Ray.
+# RAY_API_SERVER_ADDRESS names it during ray.init: the raylet inherits it, and with it every worker
+# and actor of this Ray. This process's own environment is restored right after: the variable also
+# steers JobSubmissionClient(address) and State API calls of whoever uses this process later, and
+# would point them at this Ray after it is shut down (or away from the cluster they name).
 _PINNED_API: str | None = None
 
 
@@ -102,6 +104,7 @@ def _start_local(cfg: Config) -> None:
     global _PINNED_API
     for attempt in range(3):
         port = _free_port()
+        before = os.environ.get("RAY_API_SERVER_ADDRESS")
         _PINNED_API = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         try:
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
@@ -116,14 +119,15 @@ def _start_local(cfg: Config) -> None:
                 "this mostly means the machine is overloaded (other Ray instances, builds) or /tmp or "
                 "/dev/shm is full: retry when it is quieter; Ray's logs are in /tmp/ray/session_latest/logs "
                 "(--debug shows the traceback), or pass --address of a running cluster") from e
+        finally:  # the raylet has inherited it; this process goes back to what it had
+            if before is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 def _connect(addr: str, source: str) -> None:
     import ray
-    global _PINNED_API
-    if _PINNED_API is not None and os.environ.get("RAY_API_SERVER_ADDRESS") == _PINNED_API:
-        del os.environ["RAY_API_SERVER_ADDRESS"]  # an earlier local Ray of this process: not this cluster
-        _PINNED_API = None
     where = f"Ray cluster address {addr} ({source})"
     fix = ("pass the GCS address of the head node (HOST:PORT, the --port of `ray start --head`, 6379 by "
            "default) or ray://HOST:10001, check that the cluster runs, or drop --address and unset "

@@ -127,7 +127,9 @@ class _RowRange:
 def feature_datasets(location: str, manifest: dict, modalities: list[str], num_items: int, world: int,
                      sharded: bool) -> dict:
     """Per worker and modality, a materialised Ray Dataset of the feature rows of its item block
-    (`feat_<modality>_<rank>`). With one block per worker each reads its own rows only."""
+    (`feat_<modality>_<rank>`). Each is read from the table and filtered to the block's rows before it
+    is materialised, so the object store and each worker hold only those rows (the read itself
+    scans the table once per worker)."""
     import ray.data
     out = {}
     for m in modalities:
@@ -147,6 +149,10 @@ def rows_from_batches(batches, lo: int, hi: int, dim: int, where: str) -> np.nda
     got = np.zeros(hi - lo, bool)
     for b in batches:
         items = b.column("item").to_numpy().astype(np.int64) - lo
+        if len(items) and (items.min() < 0 or items.max() >= hi - lo or got[items].any()
+                           or len(np.unique(items)) != len(items)):
+            raise RuntimeError(f"{where}: rows outside this worker's item block [{lo}, {hi}) or given twice "
+                               "(the driver cut the features for another configuration)")
         col = b.column("feature")
         col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
         vals = col.flatten().to_numpy(zero_copy_only=False).reshape(len(items), -1)

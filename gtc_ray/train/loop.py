@@ -213,6 +213,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     # final report scores exactly these, not a fresh forward of the best weights
     stale = cfg.compat.stale_eval
     best_eval = None
+    resumes: list[int] = []
     ck = rt.latest_checkpoint()
     if ck is not None:
         try:  # the restored copy is released whatever happens
@@ -227,6 +228,8 @@ def train_loop(config: dict, rt: Runtime) -> None:
                 opt.load_state_dict(load_file(ck, "optim.pt", meta, rt.device))
                 start_epoch = meta["epoch"] + 1
             best, best_epoch, bad, history = meta["best"], meta["best_epoch"], meta["bad"], meta["history"]
+            # the epochs at which this run continued from a checkpoint (worker restart, --resume)
+            resumes = list(meta.get("resumes", [])) + [start_epoch]
             best_state = load_file(ck, "best_model.pt", meta, rt.device) if "best_model.pt" in meta["hashes"] else None
             for f in ("best_eval.pt", "eval_embeddings.pt"):
                 if f in meta["hashes"]:
@@ -310,7 +313,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
         # 7. report (every rank) + checkpoint (rank 0)
         meta = {"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
                 "dataset": inputs.content_hash, "data_dir": inputs.location, "config": cfg.to_dict(), "final": False,
-                "protocol": eval_protocol(cfg), "modalities": model.modalities}
+                "protocol": eval_protocol(cfg), "modalities": model.modalities, "resumes": resumes}
         extra = {"best_model.pt": best_state} if best_state is not None else {}
         if best_eval is not None:
             extra["best_eval.pt"] = {"users": best_eval[0], "items": best_eval[1]}
@@ -345,7 +348,7 @@ def train_loop(config: dict, rt: Runtime) -> None:
     log(_progress_line(rec, metric))
     meta = {"epoch": rec["epoch"], "best": best, "best_epoch": best_epoch, "bad": bad, "history": history,
             "dataset": inputs.content_hash, "data_dir": inputs.location, "config": cfg.to_dict(), "final": True,
-            "valid": vfinal, "test": tm, "protocol": eval_protocol(cfg), "modalities": model.modalities}
+            "valid": vfinal, "test": tm, "protocol": eval_protocol(cfg), "modalities": model.modalities, "resumes": resumes}
     if balance is not None:
         meta["modality_balance"] = balance
     extra = {"eval_embeddings.pt": {"users": best_eval[0], "items": best_eval[1]}} if stale and best_eval else {}

@@ -256,5 +256,5 @@ def cli_train(a, log=print) -> int:
         + f"checkpoint {summary['checkpoint']}; {summary['seconds']:.0f}s")
     if a.metrics_out:
         keys = ("valid", "test", "protocol", "modality_balance", "checkpoint", "best_epoch", "name", "seconds")
-        Path(a.metrics_out).write_text(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2) + "\n")
+        locations.write_text(a.metrics_out, json.dumps({k: summary[k] for k in keys if k in summary}, indent=2) + "\n")
     return 0

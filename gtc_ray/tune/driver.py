@@ -31,6 +31,7 @@ from ray.tune import Callback
 
 from gtc_ray import storage as locations, tracking
 from gtc_ray.config import Config, config_from_dict
+from gtc_ray.errors import GtcInputError
 from gtc_ray.data.dataset import load_dataset
 from gtc_ray.data.prepare import prepare
 from gtc_ray.tune.space import SearchSpace, load_space
@@ -242,6 +243,8 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
     saved = {}
     if resume and locations.is_file(locations.join(search_dir, SEARCH_ARGS)):
         saved = json.loads(locations.read_text(locations.join(search_dir, SEARCH_ARGS)))
+    if resume and saved:
+        _refuse_changes_on_resume(saved, base_as_given, workers, use_gpu, name)
     samples = samples or saved.get("samples") or space.samples
     max_concurrent = max_concurrent or saved.get("max_concurrent") or space.max_concurrent
     workers = workers if workers is not None else saved.get("workers", base.ray.workers)
@@ -422,6 +425,30 @@ def _location(path: str | None, storage_path: str) -> str | None:
         return checkpoint_location(path, storage_path) if path else path
     except ValueError:  # not under this storage (a search moved since): keep what Tune reported
         return path
+
+
+# what a resumed search may change: only how the driver reaches Ray (trials keep the config they
+# were started with, and the inputs the driver builds once must match it)
+_RESUME_MAY_CHANGE = ("ray.address", "ray.num_cpus", "ray.object_store_memory")
+
+
+def _refuse_changes_on_resume(saved: dict, given: dict, workers, use_gpu, name: str) -> None:
+    """Tune restores every trial with the config it was started with: a --set, --config, --workers
+    or --gpu given with --resume would not reach them (or would give them inputs cut for another
+    config), so a change is refused rather than silently ignored."""
+    flat_saved, flat_given = tracking.flatten(saved.get("config", {})), tracking.flatten(given)
+    changed = sorted(k for k in set(flat_saved) | set(flat_given)
+                     if flat_saved.get(k) != flat_given.get(k) and k not in _RESUME_MAY_CHANGE)
+    if workers is not None and workers != saved.get("workers", workers):
+        changed.append(f"--workers ({saved.get('workers')} -> {workers})")
+    if use_gpu and not saved.get("use_gpu", False):
+        changed.append("--gpu")
+    if changed:
+        shown = [c if c.startswith("--") else f"{c} ({flat_saved.get(c)!r} -> {flat_given.get(c)!r})" for c in changed]
+        raise GtcInputError(f"--resume of search {name}", f"would change {', '.join(shown[:6])}"
+                            + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
+                            + ", which the search's trials keep from when they started",
+                            "resume without these options, or start a new search (another --name) with them")
 
 
 def _fmt(v):
