@@ -157,13 +157,27 @@ def git_commit() -> str:
 
 
 def client(uri: str | None = None):
-    import mlflow
     from mlflow.tracking import MlflowClient
     configure_http()  # in every process that talks to the store (driver, Train controller)
     uri = resolve_tracking_uri(uri)
+    set_fluent_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def set_fluent_uri(uri: str) -> None:
+    """Point MLflow's fluent API (mlflow.start_run, log_model, load_model) at `uri`, for this process
+    only. mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, where the
+    next command run in this process (or a Ray worker started later) would take it for one the
+    user gave: the environment is put back as it was."""
+    import mlflow
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def experiment_id(c, uri: str, name: str = DEFAULT_EXPERIMENT) -> str:

@@ -385,7 +385,8 @@ def test_lost_trial_driver_is_relaunched_and_resumes_its_train_run(ray_cluster, 
     from ray.util.state import list_actors
     from conftest import tiny_config
     from gtc_ray.tune.driver import run_search
-    (tmp_path / "space.yaml").write_text("samples: 1\nfixed: {train.epochs: 8, train.patience: 100}\n"
+    # 60 tiny epochs: long enough to kill the driver mid-run (trials start with their data ingested)
+    (tmp_path / "space.yaml").write_text("samples: 1\nfixed: {train.epochs: 60, train.patience: 100}\n"
                                          "params: {train.lr: {grid: [0.01]}}\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()  # create the store before polling it from this thread
@@ -419,8 +420,8 @@ def test_lost_trial_driver_is_relaunched_and_resumes_its_train_run(ray_cluster, 
     assert not errors, errors
     assert killed is not None, "the trial finished before its driver could be killed"
     s = out["s"]
-    assert s["best_trial"] and s["trials"][0]["epochs"] == 8 and not s["trials"][0]["error"]
+    assert s["best_trial"] and s["trials"][0]["epochs"] == 60 and not s["trials"][0]["error"]
     [kid] = c.search_runs([c.get_experiment_by_name("gtc-ray").experiment_id],
                           filter_string="tags.`gtc.kind` = 'trial'")
     assert kid.info.status == "FINISHED"
-    assert sorted(m.step for m in c.get_metric_history(kid.info.run_id, "valid_recall_at_20")) == list(range(8))
+    assert sorted(m.step for m in c.get_metric_history(kid.info.run_id, "valid_recall_at_20")) == list(range(60))

@@ -150,8 +150,7 @@ def recommend(model_uri: str, users: list[str], k: int = 10, exclude_seen: bool 
     import pandas as pd
     tracking.check_server(tracking_uri)  # an http(s) server answers, within seconds
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    tracking.set_fluent_uri(uri)
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:
