@@ -69,13 +69,6 @@ def name(loc) -> str:
     return normalize(loc).rstrip("/").rsplit("/", 1)[-1]
 
 
-def parent(loc) -> str:
-    loc = normalize(loc)
-    if is_uri(loc):
-        return loc.rstrip("/").rsplit("/", 1)[0]
-    return str(Path(loc).parent)
-
-
 def local_path(loc) -> Path | None:
     """The local path of a local location, else None."""
     loc = normalize(loc)

@@ -174,7 +174,6 @@ def test_real_mlflow_server_passes_the_check(tmp_path):
 def fake_ray(monkeypatch):
     """ray.init replaced by a recorder that runs `behaviour(kwargs)`; the pin is restored after."""
     import ray
-    import gtc_ray.train.cluster as cluster
     calls = []
     state = {"behaviour": lambda kw: None}
 
@@ -187,7 +186,6 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    monkeypatch.setattr(cluster, "_PINNED_API", None)
     return calls, state
 
 

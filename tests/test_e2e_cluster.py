@@ -90,11 +90,15 @@ def _wait(client, job: str, timeout: float = 480, until=None) -> str:
     return logs
 
 
-def _train_worker_nodes(c: RayNodes) -> set[str]:
-    """Node ids of every RayTrainWorker actor the cluster ran (alive or dead)."""
+def _train_workers(c: RayNodes) -> list[dict]:
+    """Every RayTrainWorker actor the cluster ran (alive or dead), from the State API."""
     with urllib.request.urlopen(f"{c.address}/api/v0/actors?limit=10000&detail=1", timeout=10) as r:
         actors = json.loads(r.read())["data"]["result"]["result"]
-    return {a["node_id"] for a in actors if a.get("class_name") == "RayTrainWorker"}
+    return [a for a in actors if a.get("class_name") == "RayTrainWorker"]
+
+
+def _train_worker_nodes(c: RayNodes) -> set[str]:
+    return {a["node_id"] for a in _train_workers(c)}
 
 
 def _node_ids(c: RayNodes) -> dict[str, str]:
@@ -173,9 +177,7 @@ def test_search_register_and_serve_with_object_storage_on_a_multi_node_cluster(s
 
 
 def _alive_train_worker_node(c: RayNodes) -> str | None:
-    with urllib.request.urlopen(f"{c.address}/api/v0/actors?limit=10000&detail=1", timeout=10) as r:
-        actors = json.loads(r.read())["data"]["result"]["result"]
-    alive = [a["node_id"] for a in actors if a.get("class_name") == "RayTrainWorker" and a.get("state") == "ALIVE"]
+    alive = [a["node_id"] for a in _train_workers(c) if a.get("state") == "ALIVE"]
     return alive[0] if alive else None
 
 

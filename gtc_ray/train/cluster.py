@@ -76,9 +76,6 @@ def ensure_ray(cfg: Config, log=print, workers: int = 0, extra_cpu: float = 0.0)
 # and actor of this Ray. This process's own environment is restored right after: the variable also
 # steers JobSubmissionClient(address) and State API calls of whoever uses this process later, and
 # would point them at this Ray after it is shut down (or away from the cluster they name).
-_PINNED_API: str | None = None
-
-
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -101,11 +98,10 @@ def _shutdown_quietly() -> None:
 
 def _start_local(cfg: Config) -> None:
     import ray
-    global _PINNED_API
     for attempt in range(3):
         port = _free_port()
         before = os.environ.get("RAY_API_SERVER_ADDRESS")
-        _PINNED_API = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         try:
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                      log_to_driver=True, dashboard_host="127.0.0.1", dashboard_port=port)

@@ -257,7 +257,7 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
     prior_uri = json.loads(locations.read_text(prior)).get("tracking_uri") if resume and locations.exists(prior) else None
     preflight(base, tracking_uri=tracking_uri or prior_uri, log=log, workers=workers * max_concurrent,
               extra_cpu=TRIAL_CPU * max_concurrent)
-    prepare(ds, space.config_for(base, {}).graph, log=log)  # once; trials share it read-only
+    graphs = prepare(ds, space.config_for(base, {}).graph, log=log)  # once; trials share it read-only
 
     # 2. MLflow parent run (reused on --resume)
     state_file = locations.join(search_dir, "mlflow_parent.json")
@@ -296,7 +296,7 @@ def run_search(data_dir: str | Path, space_path: str | Path, *, base: Config, sa
         summary = _search(space=space, base=base, ds=ds, data_dir=data_dir, search_dir=search_dir,
                           storage_path=storage_path, name=name, samples=samples, max_concurrent=max_concurrent,
                           workers=workers, use_gpu=use_gpu, resume=resume, uri=uri, c=c, exp=exp, parent=parent,
-                          resume_cmd=resume_cmd, log=log)
+                          resume_cmd=resume_cmd, graphs=graphs, log=log)
         summary["seconds"] = time.perf_counter() - t0
         _write_json(locations.join(search_dir, "search.json"), summary)
         c.set_terminated(parent, "FINISHED")
@@ -327,7 +327,7 @@ def _write_json(loc, data: dict) -> None:
 
 
 def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, samples, max_concurrent, workers,
-            use_gpu, resume, uri, c, exp, parent, resume_cmd, log) -> dict:
+            use_gpu, resume, uri, c, exp, parent, resume_cmd, graphs, log) -> dict:
     """Steps 3-5 of run_search: Tune, the ranking, the final test; returns the summary."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -340,7 +340,7 @@ def _search(*, space, base, ds, data_dir, search_dir, storage_path, name, sample
     trial_base = space.config_for(base, {})
     # read and cut once for every trial (ingest.py); trials then start without Ray Data work, so two
     # at once never wait on each other's reads
-    ingest = build_ingest(ds, trial_base, prepare(ds, trial_base.graph, log=lambda m: None), workers, log,
+    ingest = build_ingest(ds, trial_base, graphs, workers, log,
                           content=True)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ingest=ingest), {"cpu": TRIAL_CPU})
     cb = make_mlflow_callback(uri, exp, parent, {**tracking.dataset_tags(ds), **tracking.protocol_tags(base)}, metric,
